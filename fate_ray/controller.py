@@ -1,0 +1,393 @@
+"""The pure scheduling state machine shared by the simulator and the Ray runtime: events in, commands out.
+
+    commands = controller.handle(event)
+
+No clocks, threads or I/O: time comes in on the events. Each `handle` applies the event, runs one planning round
+if the frontier changed (the policy places every ready request on a device queue), then starts queued shards on
+devices with a free slot whose model can be made resident (`Dispatch`). The Controller's `DeviceState`s are its
+belief about each device, advanced by the commands it issues and overwritten by `WorkerStateReported`.
+
+Invariants (checked by `validate_state`): a device runs at most `concurrency` shards; the ACTIVE models of a device
+fit its memory; every request of a ready stage is exactly one of pending, queued, running or done; a request's
+output is recorded once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fate_ray.cost import CostEstimator, RequestShape
+from fate_ray.events import (
+    Command, Dispatch, Event, Shard, ShardFailed, ShardFinished, WorkerLost, WorkerStateReported, WorkflowDone,
+    WorkflowSubmitted,
+)
+from fate_ray.policies.base import Plan, Policy, ReadyStage
+from fate_ray.progress import WorkflowRun
+from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.state import ClusterSnapshot, DeviceState, snapshot_device
+from fate_ray.workload import ContextPart, OutputPart, TextPart, Workflow
+
+
+@dataclass
+class _Running:
+    shard: Shard
+    device_id: str
+    end_estimate_s: float
+
+
+@dataclass
+class DeviceQueue:
+    state: DeviceState
+    concurrency: int
+    alive: bool = True
+    queue: list[tuple[Shard, float]] = field(default_factory=list)  # (shard, estimated service s)
+    running: dict[str, _Running] = field(default_factory=dict)
+
+
+@dataclass
+class ControllerStats:
+    planning_rounds: int = 0
+    shards_dispatched: int = 0
+    duplicate_finishes: int = 0
+    retries: int = 0
+    solver_status: dict[str, int] = field(default_factory=dict)
+
+
+class Controller:
+    def __init__(self, cluster: ClusterSpec, policy: Policy, estimator: CostEstimator, max_attempts: int = 3):
+        self.cluster = cluster
+        self.policy = policy
+        self.estimator = estimator
+        self.max_attempts = max_attempts
+        self.devices = {
+            d.device_id: DeviceQueue(DeviceState.empty(cluster, d), cluster.device_types[d.type].concurrency)
+            for d in cluster.devices
+        }
+        self.workflows: dict[str, WorkflowRun] = {}
+        self.frontier: set[tuple[str, str]] = set()
+        self.running: dict[str, _Running] = {}
+        self.stats = ControllerStats()
+        self.now_s = 0.0
+        self._shard_seq = 0
+        self._attempts: dict[tuple[str, str], int] = {}  # next attempt number of a stage's retried requests
+
+    # -- the one entry point ----------------------------------------------------------------------------------------
+    def handle(self, event: Event) -> list[Command]:
+        self.now_s = max(self.now_s, event.now_s)
+        out: list[Command] = []
+        if isinstance(event, WorkflowSubmitted):
+            self._submit(event.workflow)
+        elif isinstance(event, ShardFinished):
+            out += self._finished(event)
+        elif isinstance(event, ShardFailed):
+            out += self._failed(event)
+        elif isinstance(event, WorkerLost):
+            self._lost(event.device_id)
+        elif isinstance(event, WorkerStateReported):
+            self._reported(event)
+        else:
+            raise TypeError(f"unknown event {type(event).__name__}")
+        if self.frontier:
+            out += self._plan_round()
+        out += self._start_shards()
+        return out
+
+    # -- events ---------------------------------------------------------------------------------------------------
+    def _submit(self, workflow: Workflow) -> None:
+        if workflow.workflow_id in self.workflows:
+            raise ValueError(f"workflow id {workflow.workflow_id!r} was already submitted; give each run its own id")
+        run = WorkflowRun(workflow, self._upward_ranks(workflow), self.cluster.block_tokens)
+        self.workflows[workflow.workflow_id] = run
+        for sid in run.initially_ready():
+            self._make_ready(run, sid)
+
+    def _make_ready(self, run: WorkflowRun, stage_id: str) -> None:
+        run.make_ready(stage_id)
+        self.frontier.add((run.workflow_id, stage_id))
+
+    def _finished(self, ev: ShardFinished) -> list[Command]:
+        running = self.running.pop(ev.shard_id, None)
+        if running is None or running.device_id != ev.device_id:
+            self.stats.duplicate_finishes += 1  # a shard we already gave up on (its worker was presumed dead)
+            if running is not None:
+                self.running[ev.shard_id] = running
+            return []
+        shard = running.shard
+        dev = self.devices[ev.device_id]
+        del dev.running[ev.shard_id]
+        dev.state.shard_ended(shard.model, ev.now_s)
+        run = self.workflows[shard.workflow_id]
+        if run.failed:
+            return []
+        node = dev.state.device.node
+        for pos, index in enumerate(shard.request_indices):
+            text = ev.outputs[pos] if pos < len(ev.outputs) else ""
+            if run.record(shard.stage_id, index, ev.output_tokens[pos], text, ev.device_id, node):
+                dev.state.insert_blocks(shard.model, run.full_hashes(shard.stage_id, index))
+        self._observe(shard, dev, ev)
+        return self._maybe_complete(run, shard.stage_id)
+
+    def _observe(self, shard: Shard, dev: DeviceQueue, ev: ShardFinished) -> None:
+        if not ev.phase_s:
+            return
+        cal = self.estimator.calibration
+        reqs = [RequestShape(sum(s.tokens for s in p), (), t) for p, t in zip(shard.prompts, ev.output_tokens)]
+        prof = self.estimator.profile(shard.model, dev.state.device.type)
+        est = {
+            "prefill": max(0, sum(r.prompt_tokens for r in reqs) - ev.cached_tokens) / prof.prefill_tok_s,
+            "decode": self.estimator.shard_cost(shard.model, dev.state.device.type, reqs, None).decode_s,
+        }
+        for phase, measured in ev.phase_s.items():
+            if phase in est:
+                cal.observe(shard.model, dev.state.device.type, phase, measured, est[phase])
+
+    def _maybe_complete(self, run: WorkflowRun, stage_id: str) -> list[Command]:
+        if not run.stages[stage_id].done:
+            return []
+        for child in run.complete(stage_id):
+            self._make_ready(run, child)
+        if run.remaining == 0:
+            return [WorkflowDone(run.workflow_id, self.now_s, ok=True)]
+        return []
+
+    def _failed(self, ev: ShardFailed) -> list[Command]:
+        running = self.running.get(ev.shard_id)
+        if running is None or running.device_id != ev.device_id:
+            return []
+        self._release(running)
+        shard = running.shard
+        run = self.workflows[shard.workflow_id]
+        if run.failed:
+            return []
+        if ev.retryable and shard.attempt < self.max_attempts:
+            self._requeue(shard)
+            return []
+        return self._fail_workflow(run, f"stage {shard.stage_id!r} failed after {shard.attempt} attempt(s): "
+                                        f"{ev.reason}")
+
+    def _fail_workflow(self, run: WorkflowRun, reason: str) -> list[Command]:
+        run.failed = reason
+        for dev in self.devices.values():
+            dev.queue = [(s, e) for s, e in dev.queue if s.workflow_id != run.workflow_id]
+        self.frontier = {k for k in self.frontier if k[0] != run.workflow_id}
+        return [WorkflowDone(run.workflow_id, self.now_s, ok=False, error=reason)]
+
+    def _lost(self, device_id: str) -> None:
+        dev = self.devices[device_id]
+        dev.alive = False
+        for running in list(dev.running.values()):
+            self._release(running)
+            self._requeue(running.shard)
+        for shard, _ in dev.queue:
+            self._requeue(shard, count_attempt=False)
+        dev.queue.clear()
+        dev.state = DeviceState.empty(self.cluster, dev.state.device)
+
+    def _release(self, running: _Running) -> None:
+        self.running.pop(running.shard.shard_id, None)
+        dev = self.devices[running.device_id]
+        if dev.running.pop(running.shard.shard_id, None) is not None:
+            dev.state.shard_ended(running.shard.model, self.now_s)
+
+    def _requeue(self, shard: Shard, count_attempt: bool = True) -> None:
+        """Put a shard's requests back on the frontier (a retry, or its device went away)."""
+        run = self.workflows[shard.workflow_id]
+        if run.failed:
+            return
+        stage = run.stages[shard.stage_id]
+        stage.pending.update(i for i in shard.request_indices if i not in stage.output_tokens)
+        if count_attempt:
+            self.stats.retries += 1
+            self._attempts[shard.stage_key] = max(self._attempts.get(shard.stage_key, 1), shard.attempt + 1)
+        self.frontier.add(shard.stage_key)
+
+    def _reported(self, ev: WorkerStateReported) -> None:
+        dev = self.devices[ev.device_id]
+        dev.state.replace(ev.residency, ev.blocks)
+
+    # -- planning ---------------------------------------------------------------------------------------------------
+    def snapshot(self) -> ClusterSnapshot:
+        return ClusterSnapshot(self.now_s, tuple(self._device_snapshot(dev) for dev in self.devices.values()))
+
+    def _device_snapshot(self, dev: DeviceQueue):
+        backlog_s = sum(max(0.0, r.end_estimate_s - self.now_s) for r in dev.running.values())
+        backlog_s += sum(est for _, est in dev.queue)
+        requests = sum(len(s.request_indices) for s, _ in dev.queue)
+        requests += sum(len(r.shard.request_indices) for r in dev.running.values())
+        return snapshot_device(dev.state, dev.concurrency, dev.alive, self.now_s + backlog_s / dev.concurrency,
+                               len(dev.running), requests)
+
+    def ready_stages(self) -> list[ReadyStage]:
+        out = []
+        for wid, sid in sorted(self.frontier):
+            run = self.workflows[wid]
+            stage = run.stages[sid]
+            idx = tuple(sorted(stage.pending))
+            if not idx:
+                continue
+            exp = stage.stage.expected_output_tokens
+            reqs = tuple(RequestShape(sum(s.tokens for s in stage.prompts[i]), stage.hashes[i], exp) for i in idx)
+            out.append(ReadyStage((wid, sid), stage.stage.model, idx, reqs, stage.stage.shardable, stage.rank_s,
+                                  run.workflow.arrival_s, run.input_bytes_by_node(sid)))
+        return out
+
+    def _plan_round(self) -> list[Command]:
+        frontier, out = [], []
+        for ready in self.ready_stages():
+            if any(d.alive and self.cluster.fits(ready.model, d.state.device.type) for d in self.devices.values()):
+                frontier.append(ready)
+            elif not self.workflows[ready.key[0]].failed:
+                out += self._fail_workflow(self.workflows[ready.key[0]], f"stage {ready.key[1]!r} needs model "
+                                           f"{ready.model!r} but no live device fits it")
+        self.frontier.clear()
+        frontier = [f for f in frontier if not self.workflows[f.key[0]].failed]
+        if not frontier:
+            return out
+        snapshot = self.snapshot()
+        plan = self.policy.plan(snapshot, frontier)
+        self.stats.planning_rounds += 1
+        if plan.solver_status:
+            self.stats.solver_status[plan.solver_status] = self.stats.solver_status.get(plan.solver_status, 0) + 1
+        self._enqueue(plan, {f.key: f for f in frontier}, snapshot)
+        return out
+
+    def _enqueue(self, plan: Plan, frontier: dict, snapshot: ClusterSnapshot) -> None:
+        placed: dict[tuple[str, str], set[int]] = {}
+        for a in plan.assignments:
+            ready = frontier.get(a.stage)
+            dev = self.devices.get(a.device_id)
+            if ready is None or dev is None or not dev.alive or not self.cluster.fits(ready.model, dev.state.device.type):
+                raise ValueError(f"policy {self.policy.name!r} placed {a.stage} on {a.device_id!r}, which is not a "
+                                 "live device that fits its model")
+            run = self.workflows[a.stage[0]]
+            stage = run.stages[a.stage[1]]
+            indices = tuple(i for i in a.request_indices if i in stage.pending)
+            if not indices:
+                continue
+            stage.pending.difference_update(indices)
+            placed.setdefault(a.stage, set()).update(indices)
+            shard = self._make_shard(run, a.stage[1], indices)
+            reqs = [RequestShape(sum(s.tokens for s in p), h, shard.expected_output_tokens)
+                    for p, h in zip(shard.prompts, shard.block_hashes)]
+            est = self.estimator.shard_cost(shard.model, dev.state.device.type, reqs, snapshot.device(a.device_id))
+            dev.queue.append((shard, est.service_s))
+        for key, ready in frontier.items():
+            missing = set(ready.request_indices) - placed.get(key, set())
+            if missing:
+                raise ValueError(f"policy {self.policy.name!r} left {len(missing)} request(s) of {key} unplaced")
+        if self.policy.queue_order == "rank":
+            for dev in self.devices.values():
+                dev.queue.sort(key=lambda item: (-item[0].rank_s, item[0].arrival_s))
+
+    def _make_shard(self, run: WorkflowRun, stage_id: str, indices: tuple[int, ...]) -> Shard:
+        self._shard_seq += 1
+        stage = run.stages[stage_id]
+        key = (run.workflow_id, stage_id)
+        return Shard(
+            shard_id=f"{run.workflow_id}/{stage_id}/{self._shard_seq}", workflow_id=run.workflow_id,
+            stage_id=stage_id, model=stage.stage.model, request_indices=indices,
+            prompts=tuple(stage.prompts[i] for i in indices), block_hashes=tuple(stage.hashes[i] for i in indices),
+            expected_output_tokens=stage.stage.expected_output_tokens, max_tokens=stage.stage.max_tokens,
+            rank_s=stage.rank_s, arrival_s=run.workflow.arrival_s, attempt=self._attempts.get(key, 1),
+        )
+
+    # -- dispatch ---------------------------------------------------------------------------------------------------
+    def _start_shards(self) -> list[Command]:
+        out: list[Command] = []
+        for device_id, dev in self.devices.items():
+            while dev.alive and dev.queue and len(dev.running) < dev.concurrency:
+                pick = self._next_startable(dev)
+                if pick is None:
+                    break
+                shard, _ = dev.queue.pop(pick)
+                out.append(self._dispatch(device_id, dev, shard))
+        return out
+
+    def _next_startable(self, dev: DeviceQueue) -> int | None:
+        """The queue head if its model can be made resident now, else the first shard whose model already is.
+
+        NOTE: skipping ahead only to resident models keeps the device busy while the head waits for memory held
+        by busy models, and cannot starve the head: resident models' shards finish and free that memory.
+        """
+        head = dev.queue[0][0]
+        if dev.state.plan_activation(head.model).feasible:
+            return 0
+        for i, (shard, _) in enumerate(dev.queue):
+            if dev.state.state_of(shard.model) == "ACTIVE":
+                return i
+        return None
+
+    def _dispatch(self, device_id: str, dev: DeviceQueue, shard: Shard) -> Dispatch:
+        act = dev.state.plan_activation(shard.model)
+        others = len(dev.running)
+        other_requests = sum(len(r.shard.request_indices) for r in dev.running.values())
+        reqs = [RequestShape(sum(s.tokens for s in p), h, shard.expected_output_tokens)
+                for p, h in zip(shard.prompts, shard.block_hashes)]
+        est = self.estimator.shard_cost(shard.model, dev.state.device.type, reqs, dev.state,
+                                        other_shards=others, other_requests=other_requests)
+        dev.state.activate(shard.model, self.now_s, act.evict)
+        dev.state.shard_started(shard.model)
+        running = _Running(shard, device_id, self.now_s + est.service_s)
+        dev.running[shard.shard_id] = running
+        self.running[shard.shard_id] = running
+        self.stats.shards_dispatched += 1
+        return Dispatch(shard, device_id, act.evict, act.kind, est.service_s)
+
+    # -- derived quantities -----------------------------------------------------------------------------------------
+    def _upward_ranks(self, workflow: Workflow) -> dict[str, float]:
+        """Longest estimated path from each stage to a sink, with expected token counts and no state."""
+        prompt_tokens = expected_prompt_tokens(workflow)
+        kids = workflow.children()
+        ranks: dict[str, float] = {}
+        for sid in reversed(workflow.order):
+            st = workflow.stages[sid]
+            reqs = [RequestShape(prompt_tokens[sid][i], (), st.expected_output_tokens) for i in range(st.num_requests)]
+            ranks[sid] = self.estimator.best_service_s(st.model, reqs) + max((ranks[c] for c in kids[sid]), default=0)
+        return ranks
+
+    def validate_state(self) -> None:
+        """Raise AssertionError if an invariant does not hold (tests call this after every run)."""
+        for device_id, dev in self.devices.items():
+            assert len(dev.running) <= dev.concurrency, f"{device_id} runs more shards than its concurrency"
+            assert dev.state.used_gib() <= dev.state.memory_gib + 1e-6, f"{device_id} holds more models than fit"
+        for wid, run in self.workflows.items():
+            if run.failed:
+                continue
+            queued = {(s.workflow_id, s.stage_id, i) for d in self.devices.values() for s, _ in d.queue
+                      for i in s.request_indices}
+            running = {(r.shard.workflow_id, r.shard.stage_id, i) for r in self.running.values()
+                       for i in r.shard.request_indices}
+            for sid, stage in run.stages.items():
+                if not stage.prompts:
+                    continue
+                for i in range(stage.stage.num_requests):
+                    where = [i in stage.pending, (wid, sid, i) in queued, (wid, sid, i) in running,
+                             i in stage.output_tokens]
+                    assert sum(where) == 1, f"{wid}/{sid} request {i} is in {sum(where)} states"
+
+    @property
+    def unfinished(self) -> list[str]:
+        return [wid for wid, run in self.workflows.items() if run.remaining and not run.failed]
+
+
+def expected_prompt_tokens(workflow: Workflow) -> dict[str, list[int]]:
+    """Prompt sizes per request with parents' outputs at their expected length (for ranks and bounds)."""
+    out: dict[str, list[int]] = {}
+    for sid in workflow.order:
+        st = workflow.stages[sid]
+        sizes = []
+        for parts in st.prompts:
+            n = 0
+            for part in parts:
+                if isinstance(part, TextPart):
+                    n += part.tokens
+                elif isinstance(part, OutputPart):
+                    parent = workflow.stages[part.parent]
+                    k = parent.num_requests if part.item is None else 1
+                    n += k * parent.expected_output_tokens
+                elif isinstance(part, ContextPart):
+                    parent = workflow.stages[part.parent]
+                    n += out[part.parent][part.item] + parent.expected_output_tokens
+            sizes.append(n)
+        out[sid] = sizes
+    return out

@@ -1,0 +1,176 @@
+"""State-conditional cost estimation: how long a shard takes on a device, given what that device holds now.
+
+    service(shard, d | state) = activation + transfer + prefill + decode
+      activation: 0 if the model is ACTIVE on d, wake_s if SLEEPING, load_s if ABSENT
+      transfer:   bytes of parent outputs held on other nodes / link bandwidth
+      prefill:    (prompt tokens - tokens covered by d's cached prefix blocks) / prefill rate,
+                  slowed by the shards already running on d (prefill is compute-bound, so they share it)
+      decode:     sum over decode steps of step_ms(batch running at that step); a step costs nearly the same at
+                  batch 1 and 32 (memory-bound, CALIBRATION.md), so batching is almost free
+    finish = max(now, free_at_d) + service
+
+The same function is the simulator's "true" model (with true output lengths and lognormal noise on top), so the
+planner's error comes from unknown output lengths, noise and contention, not from a different formula.
+Requests of one shard run as one batch; blocks computed by an earlier request of the batch serve later ones, as
+vLLM's prefix cache does within a batch.
+
+Online calibration (`Calibration`) keeps, per (model, device type, phase), an EWMA of measured/estimated and scales
+later estimates by it; `median_abs_log_error()` reports how far estimates were from what was measured.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence
+
+from fate_ray.spec.cluster import ClusterSpec, ModelProfile
+from fate_ray.state import Activation, PrefixCache, Residency
+
+PHASES = ("activation", "prefill", "decode")
+TEXT_BYTES_PER_TOKEN = 4
+
+
+@dataclass(frozen=True, slots=True)
+class RequestShape:
+    """A request as the estimator sees it."""
+
+    prompt_tokens: int
+    block_hashes: tuple[int, ...]
+    output_tokens: int  # expected for the planner, true for the simulator
+
+
+@dataclass(frozen=True, slots=True)
+class ShardCost:
+    activation: Activation
+    activation_s: float
+    transfer_s: float
+    prefill_s: float
+    decode_s: float
+    prompt_tokens: int
+    cached_tokens: int
+
+    @property
+    def service_s(self) -> float:
+        return self.activation_s + self.transfer_s + self.prefill_s + self.decode_s
+
+
+class DeviceView(Protocol):
+    """What the estimator reads of a device: a DeviceSnapshot or a DeviceState both qualify."""
+
+    caches: Mapping[str, PrefixCache]
+
+    def state_of(self, model: str) -> Residency: ...
+
+
+def decode_seconds(profile: ModelProfile, output_tokens: Sequence[int], other_requests: int = 0) -> float:
+    """Continuous batching: while k requests of the shard still decode, each step runs at batch k + others."""
+    outs = sorted(output_tokens, reverse=True)
+    total_ms = 0.0
+    for i, out in enumerate(outs):
+        nxt = outs[i + 1] if i + 1 < len(outs) else 0
+        if out > nxt:
+            total_ms += (out - nxt) * profile.decode_step_ms(i + 1 + other_requests)
+    return total_ms / 1000.0
+
+
+def cached_tokens_in_batch(cache: PrefixCache | None, requests: Sequence[RequestShape], block_tokens: int) -> int:
+    """Tokens served from cache: blocks already on the device, or computed by an earlier request of the batch."""
+    seen: set[int] = set()
+    hit_blocks = 0
+    for req in requests:
+        n = 0
+        for h in req.block_hashes:
+            if h in seen or (cache is not None and h in cache):
+                n += 1
+            else:
+                break
+        hit_blocks += n
+        seen.update(req.block_hashes)
+    return hit_blocks * block_tokens
+
+
+class Calibration:
+    """Per (model, device type, phase) EWMA of measured / estimated; 1.0 until something was measured."""
+
+    def __init__(self, alpha: float = 0.2, enabled: bool = True):
+        self.alpha = alpha
+        self.enabled = enabled
+        self._factor: dict[tuple[str, str, str], float] = {}
+        self._log_errors: list[float] = []
+
+    def factor(self, model: str, device_type: str, phase: str) -> float:
+        return self._factor.get((model, device_type, phase), 1.0) if self.enabled else 1.0
+
+    def observe(self, model: str, device_type: str, phase: str, measured_s: float, estimated_s: float) -> None:
+        """Record one measurement of a phase against the (uncalibrated) estimate of it."""
+        if measured_s <= 0 or estimated_s <= 0:
+            return
+        key = (model, device_type, phase)
+        calibrated = estimated_s * self._factor.get(key, 1.0)
+        self._log_errors.append(abs(math.log(measured_s / calibrated)))
+        ratio = measured_s / estimated_s
+        old = self._factor.get(key)
+        self._factor[key] = ratio if old is None else (1 - self.alpha) * old + self.alpha * ratio
+
+    def median_abs_log_error(self) -> float:
+        return statistics.median(self._log_errors) if self._log_errors else 0.0
+
+
+class CostEstimator:
+    """Pure estimates of shard service time on a device in a given state."""
+
+    def __init__(self, cluster: ClusterSpec, calibration: Calibration | None = None):
+        self.cluster = cluster
+        self.calibration = calibration or Calibration(enabled=False)
+        self.block_tokens = cluster.block_tokens
+
+    def profile(self, model: str, device_type: str) -> ModelProfile:
+        return self.cluster.models[model].profiles[device_type]
+
+    def shard_cost(
+        self,
+        model: str,
+        device_type: str,
+        requests: Sequence[RequestShape],
+        device: DeviceView | None,
+        *,
+        node: str = "",
+        input_bytes_by_node: Mapping[str, int] | None = None,
+        other_shards: int = 0,
+        other_requests: int = 0,
+    ) -> ShardCost:
+        """Service time of `requests` of `model` on a device of `device_type`.
+
+        `device=None` means "stateless": model resident, empty cache (what HEFT and the lower bound assume).
+        `other_shards` / `other_requests` are what already runs on the device (contention).
+        """
+        prof = self.profile(model, device_type)
+        cal = self.calibration
+        state = device.state_of(model) if device is not None else "ACTIVE"
+        activation: Activation = "resident" if state == "ACTIVE" else "wake" if state == "SLEEPING" else "load"
+        activation_s = 0.0 if activation == "resident" else prof.wake_s if activation == "wake" else prof.load_s
+        cache = device.caches.get(model) if device is not None and state == "ACTIVE" else None
+        prompt = sum(r.prompt_tokens for r in requests)
+        cached = min(prompt, cached_tokens_in_batch(cache, requests, self.block_tokens)) if device else 0
+        prefill_s = (prompt - cached) / prof.prefill_tok_s * (1 + other_shards)
+        decode_s = decode_seconds(prof, [r.output_tokens for r in requests], other_requests)
+        transfer_s = 0.0
+        if input_bytes_by_node:
+            transfer_s = sum(b / (self.cluster.link_gbps(n, node) * 1e9)
+                             for n, b in input_bytes_by_node.items() if n != node)
+        return ShardCost(
+            activation=activation,
+            activation_s=activation_s * cal.factor(model, device_type, "activation"),
+            transfer_s=transfer_s,
+            prefill_s=prefill_s * cal.factor(model, device_type, "prefill"),
+            decode_s=decode_s * cal.factor(model, device_type, "decode"),
+            prompt_tokens=prompt,
+            cached_tokens=cached,
+        )
+
+    def best_service_s(self, model: str, requests: Sequence[RequestShape]) -> float:
+        """Fastest stateless service time over the device types that fit the model (for ranks and bounds)."""
+        types = {d.type for d in self.cluster.devices_for(model)}
+        return min(self.shard_cost(model, t, requests, None).service_s for t in types)

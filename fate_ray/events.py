@@ -1,0 +1,108 @@
+"""Events into the Controller and commands out of it: small frozen records that cross every boundary.
+
+Times are seconds on the caller's clock (virtual in the simulator, wall clock in the Ray runtime).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from fate_ray.state import Activation, Residency
+from fate_ray.workload import Segment, Workflow
+
+StageKey = tuple[str, str]  # (workflow_id, stage_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Some requests of one stage, run as one batch on one device."""
+
+    shard_id: str
+    workflow_id: str
+    stage_id: str
+    model: str
+    request_indices: tuple[int, ...]
+    prompts: tuple[tuple[Segment, ...], ...]  # resolved prompt segments, one per request
+    block_hashes: tuple[tuple[int, ...], ...]  # full-block hashes of each prompt
+    expected_output_tokens: int
+    max_tokens: int
+    rank_s: float  # upward rank: the longest remaining path from this stage, estimated
+    arrival_s: float  # of its workflow
+    attempt: int = 1
+
+    @property
+    def stage_key(self) -> StageKey:
+        return (self.workflow_id, self.stage_id)
+
+    @property
+    def prompt_tokens(self) -> tuple[int, ...]:
+        return tuple(sum(s.tokens for s in p) for p in self.prompts)
+
+
+# -- events ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class WorkflowSubmitted:
+    workflow: Workflow
+    now_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShardFinished:
+    shard_id: str
+    device_id: str
+    now_s: float
+    output_tokens: tuple[int, ...]  # per request, in the shard's order
+    outputs: tuple[str, ...] = ()  # text, from real engines
+    phase_s: Mapping[str, float] = field(default_factory=dict)  # measured: activation, prefill, decode
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ShardFailed:
+    shard_id: str
+    device_id: str
+    now_s: float
+    reason: str
+    retryable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStateReported:
+    device_id: str
+    now_s: float
+    residency: Mapping[str, Residency]
+    blocks: Mapping[str, tuple[int, ...]]  # model -> cached block hashes
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLost:
+    device_id: str
+    now_s: float
+    reason: str = "worker died"
+
+
+Event = WorkflowSubmitted | ShardFinished | ShardFailed | WorkerStateReported | WorkerLost
+
+
+# -- commands ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Start `shard` on `device_id` now, after evicting `evict`; `activation` is what the model needs first."""
+
+    shard: Shard
+    device_id: str
+    evict: tuple[str, ...]
+    activation: Activation
+    estimated_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDone:
+    workflow_id: str
+    now_s: float
+    ok: bool
+    error: str = ""
+
+
+Command = Dispatch | WorkflowDone

@@ -1,0 +1,99 @@
+"""The policy interface: a frontier of ready stages and a cluster snapshot in, an assignment of requests out.
+
+A policy is called by the Controller once per planning round, synchronously, with every stage whose parents are
+done and whose requests are not yet placed. It must place every request of every stage it is given (deferring is
+not part of this interface yet). The Controller groups a stage's requests that go to one device into one shard and
+queues it there; devices run their queues in the policy's `queue_order`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Mapping, Sequence
+
+from fate_ray.cost import CostEstimator, RequestShape
+from fate_ray.events import StageKey
+from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.state import ClusterSnapshot, DeviceSnapshot
+
+QueueOrder = Literal["fifo", "rank"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyStage:
+    """A stage of the frontier: its unplaced requests, with prompts resolved to block hashes."""
+
+    key: StageKey
+    model: str
+    request_indices: tuple[int, ...]
+    requests: tuple[RequestShape, ...]  # output_tokens = the planner's expectation
+    shardable: bool
+    rank_s: float
+    arrival_s: float
+    input_bytes_by_node: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    stage: StageKey
+    device_id: str
+    request_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    assignments: tuple[Assignment, ...]
+    solver_status: str = ""  # for planners with a solver: OPTIMAL, FEASIBLE, FALLBACK, ...
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyContext:
+    """What a policy is built with: the cluster, the shared estimator and a seed for its own randomness."""
+
+    cluster: ClusterSpec
+    estimator: CostEstimator
+    seed: int = 0
+
+
+class Policy(ABC):
+    """Base of every scheduling policy. Subclasses set `name` and implement `plan`."""
+
+    name: ClassVar[str]
+    queue_order: ClassVar[QueueOrder] = "fifo"
+
+    def __init__(self, ctx: PolicyContext):
+        self.ctx = ctx
+        self.cluster = ctx.cluster
+        self.estimator = ctx.estimator
+
+    @abstractmethod
+    def plan(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> Plan:
+        """Place every request of every frontier stage on a live device that fits its model."""
+
+    def candidates(self, snapshot: ClusterSnapshot, model: str) -> list[DeviceSnapshot]:
+        """Live devices whose type fits `model`, in cluster order."""
+        return [d for d in snapshot.devices if d.alive and self.cluster.fits(model, d.device.type)]
+
+
+class RoundLoad:
+    """Per-round bookkeeping many baselines share: estimated free time and request load as they place work."""
+
+    def __init__(self, snapshot: ClusterSnapshot):
+        self.now_s = snapshot.now_s
+        self.free_at_s = {d.device.device_id: max(d.free_at_s, snapshot.now_s) for d in snapshot.devices}
+        self.requests = {d.device.device_id: d.queued_requests for d in snapshot.devices}
+        self.concurrency = {d.device.device_id: d.concurrency for d in snapshot.devices}
+
+    def add(self, device_id: str, service_s: float, num_requests: int = 1) -> None:
+        # Work spreads over the device's concurrent slots, so its backlog drains `concurrency` times faster.
+        self.free_at_s[device_id] += service_s / self.concurrency[device_id]
+        self.requests[device_id] += num_requests
+
+
+def group_assignments(choices: Sequence[tuple[StageKey, str, int]]) -> tuple[Assignment, ...]:
+    """(stage, device, request index) choices -> one Assignment per (stage, device), in first-seen order."""
+    grouped: dict[tuple[StageKey, str], list[int]] = {}
+    for stage, device_id, index in choices:
+        grouped.setdefault((stage, device_id), []).append(index)
+    return tuple(Assignment(stage, dev, tuple(idx)) for (stage, dev), idx in grouped.items())

@@ -1,0 +1,36 @@
+"""Policy registry: `make_policy("heft", ctx)`; modules register their classes on import."""
+
+from __future__ import annotations
+
+from fate_ray.policies.base import Policy, PolicyContext
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+# The six baselines every benchmark compares against, RoundRobin first (it is the normaliser).
+BASELINES = ("round_robin", "random", "least_loaded", "heft", "model_affinity", "prefix_affinity")
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"policy name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    # Imported here so that registering happens once, without import cycles through base.
+    from fate_ray.policies import heft, least_loaded, model_affinity, prefix_affinity, random_policy, round_robin  # noqa: F401
+
+
+def policy_names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def make_policy(name: str, ctx: PolicyContext) -> Policy:
+    _load_builtin()
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+    return cls(ctx)

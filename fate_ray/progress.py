@@ -1,0 +1,112 @@
+"""One running workflow's bookkeeping: which stages are ready, which requests are placed, and every output once.
+
+Owned by the Controller. A request's output is recorded at most once (a late or duplicate finish from a worker
+that was presumed dead is dropped), so no stage output is lost or duplicated when a worker dies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fate_ray.cost import TEXT_BYTES_PER_TOKEN
+from fate_ray.state import block_hashes
+from fate_ray.workload import ContextPart, OutputPart, Segment, Stage, TextPart, Workflow, output_key
+
+
+@dataclass
+class StageRun:
+    stage: Stage
+    rank_s: float
+    waiting_on: int  # parents not done yet
+    pending: set[int] = field(default_factory=set)  # requests ready but not placed
+    prompts: list[tuple[Segment, ...]] = field(default_factory=list)  # resolved when the stage becomes ready
+    hashes: list[tuple[int, ...]] = field(default_factory=list)
+    output_tokens: dict[int, int] = field(default_factory=dict)
+    outputs: dict[int, str] = field(default_factory=dict)
+    output_node: dict[int, str] = field(default_factory=dict)
+    output_device: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return len(self.output_tokens) == self.stage.num_requests
+
+    def output_segment(self, workflow_id: str, index: int) -> Segment:
+        return Segment(output_key(workflow_id, self.stage.stage_id, index), self.output_tokens[index])
+
+
+class WorkflowRun:
+    """Stage states of one workflow; `resolve` turns symbolic prompts into segments once parents are done."""
+
+    def __init__(self, workflow: Workflow, ranks_s: dict[str, float], block_tokens: int):
+        self.workflow = workflow
+        self.block_tokens = block_tokens
+        self.children = workflow.children()
+        self.stages = {sid: StageRun(st, ranks_s[sid], len(st.parents)) for sid, st in workflow.stages.items()}
+        self.remaining = len(self.stages)
+        self.failed = ""
+
+    @property
+    def workflow_id(self) -> str:
+        return self.workflow.workflow_id
+
+    def initially_ready(self) -> list[str]:
+        return [sid for sid in self.workflow.order if not self.workflow.stages[sid].parents]
+
+    def make_ready(self, stage_id: str) -> None:
+        run = self.stages[stage_id]
+        run.prompts = [self._resolve(parts) for parts in run.stage.prompts]
+        run.hashes = [block_hashes(p, self.block_tokens) for p in run.prompts]
+        run.pending = set(range(run.stage.num_requests))
+
+    def _resolve(self, parts) -> tuple[Segment, ...]:
+        out: list[Segment] = []
+        wid = self.workflow_id
+        for part in parts:
+            if isinstance(part, TextPart):
+                out.append(Segment(part.key, part.tokens))
+            elif isinstance(part, OutputPart):
+                parent = self.stages[part.parent]
+                items = range(parent.stage.num_requests) if part.item is None else (part.item,)
+                out.extend(parent.output_segment(wid, i) for i in items)
+            elif isinstance(part, ContextPart):
+                parent = self.stages[part.parent]
+                out.extend(parent.prompts[part.item])
+                out.append(parent.output_segment(wid, part.item))
+        return tuple(out)
+
+    def input_bytes_by_node(self, stage_id: str) -> dict[str, int]:
+        """Bytes of parent outputs each node holds: what a device elsewhere would have to pull."""
+        by_node: dict[str, int] = {}
+        for p in self.workflow.stages[stage_id].parents:
+            parent = self.stages[p]
+            for i, node in parent.output_node.items():
+                by_node[node] = by_node.get(node, 0) + parent.output_tokens[i] * TEXT_BYTES_PER_TOKEN
+        return by_node
+
+    def record(self, stage_id: str, index: int, tokens: int, text: str, device_id: str, node: str) -> bool:
+        """Record one request's output; False if it was already recorded (a duplicate finish)."""
+        run = self.stages[stage_id]
+        if index in run.output_tokens:
+            return False
+        run.output_tokens[index] = tokens
+        run.output_node[index] = node
+        run.output_device[index] = device_id
+        if text:
+            run.outputs[index] = text
+        return True
+
+    def full_hashes(self, stage_id: str, index: int) -> tuple[int, ...]:
+        """Blocks of prompt + output: what the device caches after running the request."""
+        run = self.stages[stage_id]
+        return block_hashes(run.prompts[index] + (run.output_segment(self.workflow_id, index),), self.block_tokens)
+
+    def complete(self, stage_id: str) -> list[str]:
+        """Mark a stage done; returns the children that became ready."""
+        self.remaining -= 1
+        ready = []
+        for child in self.children[stage_id]:
+            run = self.stages[child]
+            run.waiting_on -= 1
+            if run.waiting_on == 0:
+                ready.append(child)
+        return ready

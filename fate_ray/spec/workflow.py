@@ -1,0 +1,266 @@
+"""Workflow YAML: a DAG of LLM stages, validated against a cluster's model catalog and compiled to a `Workflow`.
+
+Shape (see workflows/*.yaml):
+
+    name: doc-qa
+    models: [qwen2.5-1.5b, llama3.1-8b]       # optional; if given, every stage's model must be listed
+    inputs: {question: "...", documents: [...]}
+    stages:
+      - id: summarize
+        model: qwen2.5-1.5b
+        map: inputs.documents                   # one request per item (or `<parent>.outputs`)
+        prompt: {prefix: "You summarise reports.\\n", template: "Report:\\n{{ item }}\\nSummary:"}
+        max_tokens: 128
+      - id: answer
+        model: llama3.1-8b
+        after: [summarize]
+        prompt: {template: "Q: {{ inputs.question }}\\nNotes:\\n{{ summarize.output }}"}
+        max_tokens: 256
+
+Token counts: `prompt.prefix_tokens` / `prompt.tokens` give the prefix's and the rendered template's size; when
+absent they are estimated at 4 characters per token. A parent's output counts with its real length at run time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.spec.errors import Problem, SpecError, did_you_mean
+from fate_ray.spec.templates import LOOP_VARIABLES, ParentOutputs, inspect_template, render
+from fate_ray.spec.yaml_lines import LocatedYaml, load_located, parse_located
+from fate_ray.workload import ContextPart, OutputPart, Part, Stage, TextPart, Workflow, stable_key
+
+CHARS_PER_TOKEN = 4
+_ID = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PromptSpec(_Frozen):
+    prefix: str = Field("", description="Text shared by every request of the stage (system prompt, documents).")
+    template: str = Field("", description="Jinja2 template of the request-specific part (sandboxed).")
+    prefix_tokens: PositiveInt | None = Field(None, description="Size of `prefix` in tokens; default chars/4.")
+    tokens: PositiveInt | None = Field(None, description="Size of the rendered template in tokens; default chars/4.")
+
+
+class StageSpec(_Frozen):
+    id: str = Field(pattern=_ID, description="Unique within the workflow; templates refer to it by this name.")
+    model: str = Field(description="A model of the cluster's catalog.")
+    after: list[str] = Field(default_factory=list, description="Parent stages that must finish first.")
+    continues: str | None = Field(None, description="A parent whose conversation (prompt + output) this extends.")
+    map: str | None = Field(None, description="`inputs.<list>` or `<parent>.outputs`: one request per element.")
+    repeat: PositiveInt = Field(1, description="Samples per element (self-consistency fan-out).")
+    prompt: PromptSpec = Field(default_factory=PromptSpec)
+    max_tokens: PositiveInt = Field(description="Output token limit per request.")
+    output_tokens: PositiveInt | None = Field(None, description="Expected output tokens; default max_tokens / 2.")
+
+    @property
+    def parents(self) -> list[str]:
+        return list(dict.fromkeys(self.after + ([self.continues] if self.continues else [])))
+
+
+class WorkflowSpec(_Frozen):
+    name: str = Field(min_length=1)
+    models: list[str] = Field(default_factory=list, description="Models the workflow uses (checked if given).")
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    stages: list[StageSpec] = Field(min_length=1)
+
+
+def load_workflow(path: str | Path, cluster: ClusterSpec) -> tuple[WorkflowSpec, Workflow]:
+    """Parse, validate and compile one workflow file; raise SpecError with every problem found."""
+    return check_workflow(load_located(path), cluster)
+
+
+def parse_workflow_text(text: str, file: str, cluster: ClusterSpec) -> tuple[WorkflowSpec, Workflow]:
+    return check_workflow(parse_located(text, file), cluster)
+
+
+def check_workflow(doc: LocatedYaml, cluster: ClusterSpec) -> tuple[WorkflowSpec, Workflow]:
+    if not isinstance(doc.data, dict):
+        raise SpecError([doc.problem((), "a workflow file must be a mapping with `name` and `stages`")])
+    try:
+        spec = WorkflowSpec.model_validate(doc.data)
+    except ValidationError as exc:
+        raise SpecError(doc.problems_from(exc)) from None
+    problems = _semantic_problems(spec, doc, cluster)
+    if problems:
+        raise SpecError(problems)
+    return spec, compile_workflow(spec, workflow_id=spec.name, source=doc.file)
+
+
+def _semantic_problems(spec: WorkflowSpec, doc: LocatedYaml, cluster: ClusterSpec) -> list[Problem]:
+    out: list[Problem] = []
+    ids = [s.id for s in spec.stages]
+    where: dict[str, int] = {}
+    for i, stage in enumerate(spec.stages):
+        if stage.id in where:
+            out.append(doc.problem(("stages", i, "id"), f"duplicate stage id {stage.id!r}; stage ids must be unique"))
+        where.setdefault(stage.id, i)
+    for j, name in enumerate(spec.models):
+        if name not in cluster.models:
+            out.append(doc.problem(("models", j), f"unknown model {name!r}{did_you_mean(name, cluster.models)}"))
+    for i, stage in enumerate(spec.stages):
+        at = ("stages", i)
+        out += _stage_model_problems(stage, at, spec, doc, cluster)
+        for k, parent in enumerate(stage.after):
+            if parent not in where:
+                out.append(doc.problem(at + ("after", k), f"stage {stage.id!r} depends on unknown stage "
+                                       f"{parent!r}{did_you_mean(parent, ids)}"))
+        if stage.continues and stage.continues not in where:
+            out.append(doc.problem(at + ("continues",), f"stage {stage.id!r} continues unknown stage "
+                                   f"{stage.continues!r}{did_you_mean(stage.continues, ids)}"))
+    if out:
+        return out
+    cycle = _find_cycle(spec)
+    if cycle:
+        first = where[cycle[0]]
+        return [doc.problem(("stages", first, "after"), "dependency cycle " + " -> ".join(cycle + [cycle[0]])
+                            + "; remove one of these dependencies")]
+    for i, stage in enumerate(spec.stages):
+        out += _stage_prompt_problems(stage, ("stages", i), spec, doc)
+    return out
+
+
+def _stage_model_problems(stage: StageSpec, at, spec: WorkflowSpec, doc: LocatedYaml, cluster: ClusterSpec):
+    if stage.model not in cluster.models:
+        return [doc.problem(at + ("model",), f"stage {stage.id!r} uses unknown model "
+                            f"{stage.model!r}{did_you_mean(stage.model, cluster.models)}")]
+    if spec.models and stage.model not in spec.models:
+        return [doc.problem(at + ("model",), f"stage {stage.id!r} uses model {stage.model!r} which is not in the "
+                            "workflow's `models` list; add it there")]
+    if not cluster.devices_for(stage.model):
+        need = cluster.models[stage.model].footprint_gib
+        biggest = max(t.memory_gib for t in cluster.device_types.values())
+        return [doc.problem(at + ("model",), f"model {stage.model!r} needs {need:g} GiB (weights + KV reserve) and "
+                            f"fits no device of cluster {cluster.name!r} (largest {biggest:g} GiB, or no profile); "
+                            "use a smaller model or a cluster with a bigger GPU")]
+    return []
+
+
+def _find_cycle(spec: WorkflowSpec) -> list[str]:
+    graph = nx.DiGraph()
+    graph.add_nodes_from(s.id for s in spec.stages)
+    graph.add_edges_from((p, s.id) for s in spec.stages for p in s.parents)
+    try:
+        return [u for u, _ in nx.find_cycle(graph)]
+    except nx.NetworkXNoCycle:
+        return []
+
+
+def _stage_prompt_problems(stage: StageSpec, at, spec: WorkflowSpec, doc: LocatedYaml) -> list[Problem]:
+    out = []
+    try:
+        info = inspect_template(stage.prompt.template)
+    except ValueError as exc:
+        return [doc.problem(at + ("prompt", "template"), f"stage {stage.id!r}: {exc}")]
+    parents = set(stage.parents)
+    for name in sorted(info.names):
+        if name == "inputs" or name in parents:
+            continue
+        if name in LOOP_VARIABLES:
+            if name in ("item", "index") and not stage.map:
+                out.append(doc.problem(at + ("prompt", "template"), f"stage {stage.id!r}: template uses "
+                                       f"{name!r} but the stage has no `map`; add `map:` or remove it"))
+            continue
+        hint = "add it to `after`" if name in {s.id for s in spec.stages} else "no parent or input provides it"
+        out.append(doc.problem(at + ("prompt", "template"), f"stage {stage.id!r}: template variable {name!r} is "
+                               f"undefined; {hint}"))
+    for key in sorted(info.input_keys - set(spec.inputs)):
+        out.append(doc.problem(at + ("prompt", "template"), f"stage {stage.id!r}: template uses 'inputs.{key}' but "
+                               f"the workflow has no input {key!r}{did_you_mean(key, spec.inputs)}"))
+    for parent in parents & set(info.attrs_of):
+        for attr in info.attrs_of[parent] - {"outputs", "output"}:
+            out.append(doc.problem(at + ("prompt", "template"), f"stage {stage.id!r}: '{parent}.{attr}' is not "
+                                   f"available; use '{parent}.outputs' or '{parent}.output'"))
+    if stage.map:
+        out += _map_problems(stage, at, spec, doc)
+    return out
+
+
+def _map_problems(stage: StageSpec, at, spec: WorkflowSpec, doc: LocatedYaml) -> list[Problem]:
+    source = stage.map or ""
+    m = re.fullmatch(r"inputs\.([A-Za-z_][\w\-]*)|([A-Za-z_][\w\-]*)\.outputs", source)
+    if not m:
+        return [doc.problem(at + ("map",), f"stage {stage.id!r}: map {source!r} must be 'inputs.<list>' or "
+                            "'<parent>.outputs'")]
+    if m.group(1):
+        value = spec.inputs.get(m.group(1))
+        if not isinstance(value, list) or not value:
+            return [doc.problem(at + ("map",), f"stage {stage.id!r}: map needs input {m.group(1)!r} to be a "
+                                "non-empty list")]
+    elif m.group(2) not in stage.parents:
+        return [doc.problem(at + ("map",), f"stage {stage.id!r}: map over {m.group(2)!r} which is not a parent; "
+                            "add it to `after`")]
+    return []
+
+
+def _tokens(text: str) -> int:
+    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
+
+
+def compile_workflow(spec: WorkflowSpec, workflow_id: str, arrival_s: float = 0.0, source: str = "") -> Workflow:
+    """Turn a validated spec into symbolic per-request prompts (see workload.py)."""
+    stages: dict[str, Stage] = {}
+    order = list(nx.topological_sort(_graph(spec)))
+    by_id = {s.id: s for s in spec.stages}
+    for sid in order:
+        st = by_id[sid]
+        items, item_parent = _map_items(st, spec, stages)
+        prefix = st.prompt.prefix
+        prefix_part = TextPart(stable_key("prefix", prefix), st.prompt.prefix_tokens or _tokens(prefix)) \
+            if prefix or st.prompt.prefix_tokens else None
+        info = inspect_template(st.prompt.template)
+        referenced = [p for p in st.parents if p in info.names and p != st.continues]
+        prompts: list[tuple[Part, ...]] = []
+        for r in range(len(items) * st.repeat):
+            i = r // st.repeat
+            parts: list[Part] = []
+            if st.continues:
+                parts.append(ContextPart(st.continues, i % stages[st.continues].num_requests))
+            if prefix_part:
+                parts.append(prefix_part)
+            parts += [OutputPart(p, i if p == item_parent else None) for p in referenced]
+            if st.prompt.template or st.prompt.tokens:
+                text = _render_static(st, spec, items[i], i, r % st.repeat, item_parent)
+                # Keyed by workflow and text: identical renders within a workflow (repeat samples) share blocks.
+                parts.append(TextPart(stable_key("text", workflow_id, text), st.prompt.tokens or _tokens(text)))
+            prompts.append(tuple(parts))
+        stages[sid] = Stage(
+            stage_id=sid, model=st.model, parents=tuple(st.parents), num_requests=len(prompts),
+            prompts=tuple(prompts), expected_output_tokens=st.output_tokens or max(1, st.max_tokens // 2),
+            max_tokens=st.max_tokens, shardable=len(prompts) > 1, continues=st.continues, prefix_text=prefix,
+            template=st.prompt.template, map_source=st.map, repeat=st.repeat,
+        )
+    return Workflow(workflow_id, spec.name, arrival_s, stages, tuple(order), dict(spec.inputs), source)
+
+
+def _graph(spec: WorkflowSpec) -> nx.DiGraph:
+    g = nx.DiGraph()
+    g.add_nodes_from(s.id for s in spec.stages)
+    g.add_edges_from((p, s.id) for s in spec.stages for p in s.parents)
+    return g
+
+
+def _map_items(st: StageSpec, spec: WorkflowSpec, done: dict[str, Stage]) -> tuple[list[Any], str | None]:
+    if not st.map:
+        return [None], None
+    if st.map.startswith("inputs."):
+        return list(spec.inputs[st.map.removeprefix("inputs.")]), None
+    parent = st.map.removesuffix(".outputs")
+    return [""] * done[parent].num_requests, parent
+
+
+def _render_static(st: StageSpec, spec: WorkflowSpec, item: Any, index: int, sample: int, item_parent) -> str:
+    """The template's own text: parents' outputs render empty here, they are counted with their real size."""
+    context: dict[str, Any] = {p: ParentOutputs([]) for p in st.parents}
+    context.update(inputs=spec.inputs, item=item, index=index, sample=sample)
+    return render(st.prompt.template, context)

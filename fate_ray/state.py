@@ -1,0 +1,269 @@
+"""Device state: model residency with memory accounting, and the prefix cache of chained block hashes.
+
+Two owners use these classes: the Controller keeps one `DeviceState` per device as its belief (updated by the
+commands it issues and the reports it receives), and an engine (simulated or real) keeps the truth. Policies never
+see the mutable objects: they get a `ClusterSnapshot` of frozen `DeviceSnapshot`s.
+
+Residency follows vLLM: ACTIVE models hold weights + KV reserve in device memory; SLEEPING models (sleep level 1)
+keep weights in host RAM and free the device, and lose their KV cache; ABSENT models must be loaded cold. A device
+that cannot sleep (vLLM on CPU) only knows ACTIVE and ABSENT.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Iterable, Literal, Mapping, Sequence
+
+from fate_ray.spec.cluster import ClusterSpec, Device
+from fate_ray.workload import Segment
+
+Residency = Literal["ACTIVE", "SLEEPING", "ABSENT"]
+Activation = Literal["resident", "wake", "load"]
+
+
+def block_hashes(segments: Sequence[Segment], block_tokens: int) -> tuple[int, ...]:
+    """Hashes of the full blocks of a token stream, each chained on its predecessor like vLLM's.
+
+    A block is identified by the (segment key, token range) pieces it holds plus the hash before it, so a block
+    hash stands for the whole prefix up to and including that block. A trailing partial block is not cached.
+    """
+    out: list[int] = []
+    prev = 0
+    pieces: list[tuple[int, int, int]] = []
+    filled = 0
+    for seg in segments:
+        start = 0
+        while start < seg.tokens:
+            take = min(block_tokens - filled, seg.tokens - start)
+            pieces.append((seg.key, start, start + take))
+            filled += take
+            start += take
+            if filled == block_tokens:
+                prev = hash((prev, *pieces))
+                out.append(prev)
+                pieces.clear()
+                filled = 0
+    return tuple(out)
+
+
+class PrefixCache:
+    """An LRU set of block hashes with a capacity in blocks (one per model on a device)."""
+
+    __slots__ = ("capacity_blocks", "_blocks")
+
+    def __init__(self, capacity_blocks: int, blocks: Iterable[int] = ()):
+        self.capacity_blocks = capacity_blocks
+        self._blocks: OrderedDict[int, None] = OrderedDict((b, None) for b in blocks)
+        self._evict_over_capacity()
+
+    def match_blocks(self, hashes: Sequence[int]) -> int:
+        """Number of leading blocks of `hashes` present (a chained hash is only useful after its predecessors)."""
+        n = 0
+        blocks = self._blocks
+        for h in hashes:
+            if h not in blocks:
+                break
+            n += 1
+        return n
+
+    def insert(self, hashes: Iterable[int]) -> int:
+        """Touch or add blocks as most recently used; returns how many blocks were evicted to make room."""
+        blocks = self._blocks
+        for h in hashes:
+            if h in blocks:
+                blocks.move_to_end(h)
+            else:
+                blocks[h] = None
+        return self._evict_over_capacity()
+
+    def _evict_over_capacity(self) -> int:
+        evicted = 0
+        while len(self._blocks) > self.capacity_blocks:
+            self._blocks.popitem(last=False)
+            evicted += 1
+        return evicted
+
+    def blocks(self) -> tuple[int, ...]:
+        """Blocks from least to most recently used."""
+        return tuple(self._blocks)
+
+    def copy(self) -> PrefixCache:
+        return PrefixCache(self.capacity_blocks, self._blocks)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, h: int) -> bool:
+        return h in self._blocks
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationPlan:
+    """What making a model ACTIVE costs on a device: the kind of activation and the models it must evict."""
+
+    kind: Activation
+    evict: tuple[str, ...]
+    feasible: bool  # False when the memory is held by models that are busy right now
+
+
+@dataclass
+class DeviceState:
+    """Mutable state of one device (one owner at a time: the Controller's belief or an engine's truth)."""
+
+    device: Device
+    memory_gib: float
+    host_offload_gib: float
+    supports_sleep: bool
+    cluster: ClusterSpec
+    residency: dict[str, Residency] = field(default_factory=dict)
+    last_used_s: dict[str, float] = field(default_factory=dict)
+    caches: dict[str, PrefixCache] = field(default_factory=dict)
+    busy: dict[str, int] = field(default_factory=dict)  # model -> shards running now (cannot be evicted)
+    version: int = 0  # bumped on every change, so snapshots can be reused while nothing changed
+
+    @classmethod
+    def empty(cls, cluster: ClusterSpec, device: Device) -> DeviceState:
+        dtype = cluster.device_types[device.type]
+        return cls(device, dtype.memory_gib, dtype.host_offload_gib, dtype.supports_sleep, cluster)
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    def state_of(self, model: str) -> Residency:
+        return self.residency.get(model, "ABSENT")
+
+    def used_gib(self) -> float:
+        models = self.cluster.models
+        return sum(models[m].footprint_gib for m, r in self.residency.items() if r == "ACTIVE")
+
+    def plan_activation(self, model: str) -> ActivationPlan:
+        """How `model` would become ACTIVE now: evict idle ACTIVE models, least recently used first."""
+        state = self.state_of(model)
+        if state == "ACTIVE":
+            return ActivationPlan("resident", (), True)
+        kind: Activation = "wake" if state == "SLEEPING" else "load"
+        free = self.memory_gib - self.used_gib()
+        need = self.cluster.models[model].footprint_gib
+        evict: list[str] = []
+        if need > free + 1e-9:
+            idle = sorted((m for m, r in self.residency.items() if r == "ACTIVE" and not self.busy.get(m)),
+                          key=lambda m: self.last_used_s.get(m, 0.0))
+            for m in idle:
+                evict.append(m)
+                free += self.cluster.models[m].footprint_gib
+                if need <= free + 1e-9:
+                    break
+        return ActivationPlan(kind, tuple(evict), need <= free + 1e-9)
+
+    def cached_tokens(self, model: str, hashes: Sequence[int]) -> int:
+        cache = self.caches.get(model)
+        return cache.match_blocks(hashes) * self.cluster.block_tokens if cache else 0
+
+    # -- transitions ---------------------------------------------------------------------------------------------
+    def activate(self, model: str, now_s: float, evict: Sequence[str] = ()) -> Activation:
+        """Make `model` ACTIVE after evicting `evict`; returns what it cost (resident, wake or load)."""
+        for m in evict:
+            self.deactivate(m)
+        state = self.state_of(model)
+        kind: Activation = "resident" if state == "ACTIVE" else "wake" if state == "SLEEPING" else "load"
+        if kind != "resident":
+            self.residency[model] = "ACTIVE"
+            spec = self.cluster.models[model]
+            self.caches[model] = PrefixCache(spec.cache_capacity_blocks(self.cluster.block_tokens))
+            self.version += 1
+        self.last_used_s[model] = now_s
+        return kind
+
+    def deactivate(self, model: str) -> None:
+        """Sleep (if the device can and host RAM allows) or unload; either way the KV cache is gone."""
+        if self.state_of(model) != "ACTIVE":
+            return
+        self.caches.pop(model, None)
+        if self.supports_sleep and self.cluster.models[model].weights_gib <= self.host_offload_gib:
+            self.residency[model] = "SLEEPING"
+            self._trim_host_ram()
+        else:
+            self.residency.pop(model)
+        self.version += 1
+
+    def _trim_host_ram(self) -> None:
+        models = self.cluster.models
+        sleeping = sorted((m for m, r in self.residency.items() if r == "SLEEPING"),
+                          key=lambda m: self.last_used_s.get(m, 0.0))
+        used = sum(models[m].weights_gib for m in sleeping)
+        for m in sleeping:
+            if used <= self.host_offload_gib:
+                break
+            used -= models[m].weights_gib
+            self.residency.pop(m)
+
+    def insert_blocks(self, model: str, hashes: Iterable[int]) -> None:
+        cache = self.caches.get(model)
+        if cache is not None:
+            cache.insert(hashes)
+            self.version += 1
+
+    def shard_started(self, model: str) -> None:
+        self.busy[model] = self.busy.get(model, 0) + 1
+
+    def shard_ended(self, model: str, now_s: float) -> None:
+        self.busy[model] -= 1
+        if not self.busy[model]:
+            del self.busy[model]
+        self.last_used_s[model] = now_s
+
+    def replace(self, residency: Mapping[str, Residency], blocks: Mapping[str, Sequence[int]]) -> None:
+        """Adopt a worker's report as the truth (the belief may have drifted, e.g. after a restart)."""
+        self.residency = {m: r for m, r in residency.items() if r != "ABSENT"}
+        models = self.cluster.models
+        self.caches = {m: PrefixCache(models[m].cache_capacity_blocks(self.cluster.block_tokens), blocks.get(m, ()))
+                       for m, r in self.residency.items() if r == "ACTIVE"}
+        self.version += 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSnapshot:
+    """What a policy may know about one device at planning time."""
+
+    device: Device
+    memory_gib: float
+    concurrency: int
+    alive: bool
+    residency: Mapping[str, Residency]
+    # NOTE: the live caches, shared rather than copied because copying thousands of blocks per planning round
+    # would dominate the simulator. Read-only, and valid until the Controller handles its next event.
+    caches: Mapping[str, PrefixCache]
+    busy_models: frozenset[str]
+    free_at_s: float  # estimated time its backlog drains (running + queued shards)
+    running_shards: int
+    queued_requests: int  # requests queued or running: the load a request router sees
+
+    def state_of(self, model: str) -> Residency:
+        return self.residency.get(model, "ABSENT")
+
+    def cached_tokens(self, model: str, hashes: Sequence[int], block_tokens: int) -> int:
+        cache = self.caches.get(model)
+        return cache.match_blocks(hashes) * block_tokens if cache else 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    now_s: float
+    devices: tuple[DeviceSnapshot, ...]
+
+    def device(self, device_id: str) -> DeviceSnapshot:
+        for d in self.devices:
+            if d.device.device_id == device_id:
+                return d
+        raise KeyError(device_id)
+
+
+def snapshot_device(state: DeviceState, concurrency: int, alive: bool, free_at_s: float, running_shards: int,
+                    queued_requests: int) -> DeviceSnapshot:
+    """Freeze a device's state for one planning round."""
+    return DeviceSnapshot(
+        device=state.device, memory_gib=state.memory_gib, concurrency=concurrency, alive=alive,
+        residency=MappingProxyType(dict(state.residency)), caches=MappingProxyType(dict(state.caches)),
+        busy_models=frozenset(state.busy), free_at_s=free_at_s, running_shards=running_shards,
+        queued_requests=queued_requests,
+    )
