@@ -30,22 +30,43 @@ def block_hashes(segments: Sequence[Segment], block_tokens: int) -> tuple[int, .
     hash stands for the whole prefix up to and including that block. A trailing partial block is not cached.
     """
     out: list[int] = []
-    prev = 0
-    pieces: list[tuple[int, int, int]] = []
-    filled = 0
+    carry: _Carry = (0, (), 0)
     for seg in segments:
-        start = 0
-        while start < seg.tokens:
-            take = min(block_tokens - filled, seg.tokens - start)
-            pieces.append((seg.key, start, start + take))
-            filled += take
-            start += take
-            if filled == block_tokens:
-                prev = hash((prev, *pieces))
-                out.append(prev)
-                pieces.clear()
-                filled = 0
+        step = _SEGMENT_STEPS.get((carry, seg.key, seg.tokens, block_tokens))
+        if step is None:
+            step = _hash_segment(carry, seg, block_tokens)
+            if len(_SEGMENT_STEPS) >= _MAX_MEMO:
+                _SEGMENT_STEPS.clear()
+            _SEGMENT_STEPS[(carry, seg.key, seg.tokens, block_tokens)] = step
+        blocks, carry = step
+        out.extend(blocks)
     return tuple(out)
+
+
+# (hash of the last full block, pieces of the open block, tokens in the open block)
+_Carry = tuple[int, tuple[tuple[int, int, int], ...], int]
+# NOTE: memoised per segment because the same segments (system prompts, a parent's context) start many prompts;
+# hashing every block of them again dominated the simulator's time.
+_SEGMENT_STEPS: dict[tuple, tuple[tuple[int, ...], _Carry]] = {}
+_MAX_MEMO = 200_000
+
+
+def _hash_segment(carry: _Carry, seg: Segment, block_tokens: int) -> tuple[tuple[int, ...], _Carry]:
+    prev, open_pieces, filled = carry
+    pieces = list(open_pieces)
+    blocks: list[int] = []
+    start = 0
+    while start < seg.tokens:
+        take = min(block_tokens - filled, seg.tokens - start)
+        pieces.append((seg.key, start, start + take))
+        filled += take
+        start += take
+        if filled == block_tokens:
+            prev = hash((prev, *pieces))
+            blocks.append(prev)
+            pieces.clear()
+            filled = 0
+    return tuple(blocks), (prev, tuple(pieces), filled)
 
 
 class PrefixCache:

@@ -16,7 +16,7 @@ from typing import Sequence
 from fate_ray.controller import Controller
 from fate_ray.cost import Calibration, CostEstimator
 from fate_ray.events import Dispatch, ShardFinished, WorkerLost, WorkflowDone, WorkflowSubmitted
-from fate_ray.policies import PolicyContext, make_policy
+from fate_ray.policies import Policy, PolicyContext, make_policy
 from fate_ray.sim.truth import NoiseModel, ShardOutcome, TruePerformance
 from fate_ray.spec.cluster import ClusterSpec
 from fate_ray.workload import Workflow
@@ -50,6 +50,7 @@ class SimResult:
     events: int = 0
     wall_s: float = 0.0
     controller: Controller | None = None
+    plan_ms: list[float] = field(default_factory=list)
 
     @property
     def latencies_s(self) -> list[float]:
@@ -77,6 +78,23 @@ class SimResult:
         return [dict(zip(TRACE_KEYS, (instance, self.seed, self.policy) + row)) for row in self.trace]
 
 
+class PlanTimer:
+    """Wraps a policy to record each planning round's wall time (clocks live in the shell, not the Controller)."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.plan_ms: list[float] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.policy, name)
+
+    def plan(self, snapshot, frontier):
+        started = time.perf_counter()
+        plan = self.policy.plan(snapshot, frontier)
+        self.plan_ms.append((time.perf_counter() - started) * 1000)
+        return plan
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (numpy's default), without numpy."""
     if not values:
@@ -92,10 +110,11 @@ def simulate(cluster: ClusterSpec, workflows: Sequence[Workflow], policy: str, c
              record_trace: bool = False) -> SimResult:
     """Run `workflows` (with their arrival times) to completion under `policy`."""
     estimator = CostEstimator(cluster, Calibration(enabled=config.calibrate))
-    controller = Controller(cluster, make_policy(policy, PolicyContext(cluster, estimator, config.seed)), estimator)
+    timed = PlanTimer(make_policy(policy, PolicyContext(cluster, estimator, config.seed)))
+    controller = Controller(cluster, timed, estimator)
     truth = TruePerformance(cluster, NoiseModel(config.seed, config.phase_sigma, config.output_sigma))
     result = SimResult(policy, config.seed, {w.workflow_id: w.arrival_s for w in workflows}, {}, {},
-                       controller=controller)
+                       controller=controller, plan_ms=timed.plan_ms)
     parents = {(w.workflow_id, sid): st.parents for w in workflows for sid, st in w.stages.items()}
     seq = itertools.count()
     heap: list[tuple] = []

@@ -114,10 +114,6 @@ class ClusterSpec(_Frozen):
                         f"nodes.{n}.devices.{g}.type: unknown device type {group.type!r}; "
                         f"known: {', '.join(sorted(self.device_types))}"
                     )
-        for name, model in self.models.items():
-            # A catalog may profile device types this cluster lacks; it needs at least one it has.
-            if not any(t in model.profiles for t in self.device_types):
-                raise ValueError(f"models.{name}.profiles: no profile for any device type of this cluster")
         return self
 
     @cached_property

@@ -15,7 +15,22 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 LOOP_VARIABLES = frozenset({"item", "index", "sample"})
 
-_ENV = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
+MAX_REPEAT = 100_000  # `'x' * n` and `n ** k` beyond this are refused: a template must not exhaust memory
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "**" and isinstance(right, int) and abs(right) > 64:
+            raise SecurityError("exponent too large")
+        if operator == "*" and any(isinstance(x, int) and abs(x) > MAX_REPEAT for x in (left, right)) \
+                and any(isinstance(x, (str, list, tuple)) for x in (left, right)):
+            raise SecurityError("repetition too large")
+        return super().call_binop(context, operator, left, right)
+
+
+_ENV = _BoundedSandbox(autoescape=False, keep_trailing_newline=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,5 +85,5 @@ def render(source: str, context: Mapping[str, Any]) -> str:
         return _ENV.from_string(source).render(**context)
     except SecurityError as exc:
         raise ValueError(f"template blocked by the sandbox: {exc}") from None
-    except TemplateError as exc:
-        raise ValueError(f"template failed to render: {exc}") from None
+    except (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError) as exc:
+        raise ValueError(f"template failed to render: {exc.__class__.__name__}: {exc}") from None

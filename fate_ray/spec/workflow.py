@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fate_ray.spec.cluster import ClusterSpec
 from fate_ray.spec.errors import Problem, SpecError, did_you_mean
@@ -38,6 +40,8 @@ from fate_ray.spec.yaml_lines import LocatedYaml, load_located, parse_located
 from fate_ray.workload import ContextPart, OutputPart, Part, Stage, TextPart, Workflow, stable_key
 
 CHARS_PER_TOKEN = 4
+# Strict: `max_tokens: true` or `repeat: "3"` are mistakes, not 1 and 3.
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 _ID = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 
 
@@ -62,6 +66,16 @@ class StageSpec(_Frozen):
     prompt: PromptSpec = Field(default_factory=PromptSpec)
     max_tokens: PositiveInt = Field(description="Output token limit per request.")
     output_tokens: PositiveInt | None = Field(None, description="Expected output tokens; default max_tokens / 2.")
+
+    @model_validator(mode="after")
+    def _check(self) -> StageSpec:
+        if self.output_tokens is not None and self.output_tokens > self.max_tokens:
+            raise ValueError(f"output_tokens ({self.output_tokens}) exceeds max_tokens ({self.max_tokens}); "
+                             "raise max_tokens or lower output_tokens")
+        p = self.prompt
+        if not (p.prefix or p.template or p.prefix_tokens or p.tokens or self.continues):
+            raise ValueError(f"stage {self.id!r} has an empty prompt; give prompt.template (or prompt.tokens)")
+        return self
 
     @property
     def parents(self) -> list[str]:
@@ -139,7 +153,7 @@ def _stage_model_problems(stage: StageSpec, at, spec: WorkflowSpec, doc: Located
                             "workflow's `models` list; add it there")]
     if not cluster.devices_for(stage.model):
         need = cluster.models[stage.model].footprint_gib
-        biggest = max(t.memory_gib for t in cluster.device_types.values())
+        biggest = max(cluster.device_types[d.type].memory_gib for d in cluster.devices)
         return [doc.problem(at + ("model",), f"model {stage.model!r} needs {need:g} GiB (weights + KV reserve) and "
                             f"fits no device of cluster {cluster.name!r} (largest {biggest:g} GiB, or no profile); "
                             "use a smaller model or a cluster with a bigger GPU")]
@@ -183,6 +197,12 @@ def _stage_prompt_problems(stage: StageSpec, at, spec: WorkflowSpec, doc: Locate
                                    f"available; use '{parent}.outputs' or '{parent}.output'"))
     if stage.map:
         out += _map_problems(stage, at, spec, doc)
+    if not out:
+        try:
+            first = spec.inputs[stage.map[7:]][0] if stage.map and stage.map.startswith("inputs.") else ""
+            _render_static(stage, spec, first, 0, 0)
+        except ValueError as exc:
+            out.append(doc.problem(at + ("prompt", "template"), f"stage {stage.id!r}: {exc}"))
     return out
 
 
@@ -216,10 +236,14 @@ def compile_workflow(spec: WorkflowSpec, workflow_id: str, arrival_s: float = 0.
         st = by_id[sid]
         items, item_parent = _map_items(st, spec, stages)
         prefix = st.prompt.prefix
-        prefix_part = TextPart(stable_key("prefix", prefix), st.prompt.prefix_tokens or _tokens(prefix)) \
+        # A prefix is keyed by its text, so equal system prompts share cache blocks across stages and workflows;
+        # a prefix given only as a token count is private to its stage.
+        prefix_key = stable_key("prefix", prefix) if prefix else stable_key("prefix", workflow_id, sid)
+        prefix_part = TextPart(prefix_key, st.prompt.prefix_tokens or _tokens(prefix)) \
             if prefix or st.prompt.prefix_tokens else None
         info = inspect_template(st.prompt.template)
-        referenced = [p for p in st.parents if p in info.names and p != st.continues]
+        referenced = [p for p in st.parents
+                      if (p in info.names or (p == item_parent and "item" in info.names)) and p != st.continues]
         prompts: list[tuple[Part, ...]] = []
         for r in range(len(items) * st.repeat):
             i = r // st.repeat
@@ -230,9 +254,9 @@ def compile_workflow(spec: WorkflowSpec, workflow_id: str, arrival_s: float = 0.
                 parts.append(prefix_part)
             parts += [OutputPart(p, i if p == item_parent else None) for p in referenced]
             if st.prompt.template or st.prompt.tokens:
-                text = _render_static(st, spec, items[i], i, r % st.repeat, item_parent)
-                # Keyed by workflow and text: identical renders within a workflow (repeat samples) share blocks.
-                parts.append(TextPart(stable_key("text", workflow_id, text), st.prompt.tokens or _tokens(text)))
+                text = _render_static(st, spec, items[i], i, r % st.repeat)
+                # Keyed by request item, not sample: the `repeat` samples of one item share their whole prompt.
+                parts.append(TextPart(stable_key("text", workflow_id, sid, i, text), st.prompt.tokens or _tokens(text)))
             prompts.append(tuple(parts))
         stages[sid] = Stage(
             stage_id=sid, model=st.model, parents=tuple(st.parents), num_requests=len(prompts),
@@ -259,7 +283,7 @@ def _map_items(st: StageSpec, spec: WorkflowSpec, done: dict[str, Stage]) -> tup
     return [""] * done[parent].num_requests, parent
 
 
-def _render_static(st: StageSpec, spec: WorkflowSpec, item: Any, index: int, sample: int, item_parent) -> str:
+def _render_static(st: StageSpec, spec: WorkflowSpec, item: Any, index: int, sample: int) -> str:
     """The template's own text: parents' outputs render empty here, they are counted with their real size."""
     context: dict[str, Any] = {p: ParentOutputs([]) for p in st.parents}
     context.update(inputs=spec.inputs, item=item, index=index, sample=sample)

@@ -46,17 +46,22 @@ class LocatedYaml:
         return out
 
 
-def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
+def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], duplicates: list[tuple[str, int]]) -> None:
     if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
         for key, value in node.value:
             sub = loc + (key.value,)
+            if key.value in seen:
+                # PyYAML silently keeps the last value; a repeated key is almost always a mistake.
+                duplicates.append((str(key.value), key.start_mark.line + 1))
+            seen.add(key.value)
             lines[sub] = key.start_mark.line + 1
-            _walk(value, sub, lines)
+            _walk(value, sub, lines, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             sub = loc + (i,)
             lines[sub] = item.start_mark.line + 1
-            _walk(item, sub, lines)
+            _walk(item, sub, lines, duplicates)
 
 
 def load_located(path: str | Path) -> LocatedYaml:
@@ -81,6 +86,10 @@ def parse_located(text: str, file: str) -> LocatedYaml:
     except RecursionError:
         raise SpecError([Problem(file, 1, "malformed YAML: nesting too deep")]) from None
     lines: dict[Loc, int] = {}
+    duplicates: list[tuple[str, int]] = []
     if node is not None:
-        _walk(node, (), lines)
+        _walk(node, (), lines, duplicates)
+    if duplicates:
+        raise SpecError([Problem(file, line, f"key {key!r} appears twice in one mapping; keep one")
+                         for key, line in duplicates])
     return LocatedYaml(file, data, lines)

@@ -1,0 +1,49 @@
+"""`fate-ray bench`: suites, lower bounds, normalisation, tables and plots."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fate_ray.bench.instances import suite_instances
+from fate_ray.bench.report import print_report, write_outputs
+from fate_ray.bench.runner import NORMALISER, aggregate, run_jobs, throughput
+from fate_ray.spec.cluster import ClusterSpec
+
+
+def run_suite(suite: str, cluster: ClusterSpec, policies: Sequence[str], seeds: int, out_dir: Path,
+              dags: Sequence[str] = (), trace: bool = False, jobs: int | None = None,
+              console: Console | None = None) -> dict:
+    """Run a suite, print its table, write results.json/csv/summary.png (and trace.jsonl); return the results."""
+    console = console or Console()
+    policies = list(dict.fromkeys([NORMALISER, *policies]))
+    instances = suite_instances(suite, cluster, dags)
+    seed_list = list(range(seeds))
+    total = len(instances) * len(seed_list) * len(policies)
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(f"bench {suite}", total=total)
+        job_results = run_jobs(cluster, instances, policies, seed_list, trace=trace, jobs=jobs,
+                               on_done=lambda _: progress.advance(task))
+    wall_s = time.perf_counter() - started
+    job_results.sort(key=lambda r: (r.row["instance"], r.row["seed"], policies.index(r.row["policy"])))
+    results = {
+        "suite": suite,
+        "cluster": cluster.name,
+        "seeds": seed_list,
+        "instances": [i.name for i in instances],
+        **aggregate(job_results, policies),
+        "per_instance": [r.row for r in job_results],
+        "wall_s": wall_s,
+        "sim_events_per_s": throughput(job_results),
+    }
+    print_report(console, results)
+    console.print(f"simulator: {results['sim_events_per_s']:,.0f} shard events/s; wall time {wall_s:.1f} s; "
+                  f"results in {out_dir}/")
+    write_outputs(out_dir, results, job_results, trace)
+    return results

@@ -1,0 +1,144 @@
+"""Run every policy on the same instances and seeds, in parallel processes, and aggregate the paper's metrics.
+
+Each job is one (instance, seed, policy) simulation. Every policy of a (instance, seed) pair sees the same arrival
+times, output lengths and noise (sim/truth.py draws them from (seed, what runs)). Normalised figures divide by
+RoundRobin on the same instance and seed and aggregate with the geometric mean (FATE.md, "How we measure").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from fate_ray.bench.instances import Instance
+from fate_ray.bench.lower_bound import lower_bound_s
+from fate_ray.cost import CostEstimator
+from fate_ray.sim.simulator import SimConfig, percentile, simulate
+from fate_ray.spec.cluster import ClusterSpec
+
+NORMALISER = "round_robin"
+
+
+@dataclass(frozen=True)
+class Job:
+    instance: int
+    seed: int
+    policy: str
+
+
+@dataclass
+class JobResult:
+    row: dict
+    plan_ms: list[float]
+    trace: list[dict] = field(default_factory=list)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    solver_status: dict[str, int] = field(default_factory=dict)
+    estimator_error: float = 0.0
+
+
+_STATE: dict = {}
+
+
+def _init(cluster: ClusterSpec, instances: Sequence[Instance], trace: bool) -> None:
+    _STATE.update(cluster=cluster, instances=instances, trace=trace)
+
+
+def run_job(job: Job) -> JobResult:
+    cluster: ClusterSpec = _STATE["cluster"]
+    inst: Instance = _STATE["instances"][job.instance]
+    estimator = CostEstimator(cluster)
+    workflows = inst.realise(job.seed, estimator)
+    res = simulate(cluster, workflows, job.policy, SimConfig(seed=job.seed), record_trace=_STATE["trace"])
+    lb = lower_bound_s(workflows, estimator)
+    row = {
+        "instance": inst.name, "group": inst.group, "seed": job.seed, "policy": job.policy,
+        "workflows": len(workflows), "completed": len(res.completions_s), "failed": len(res.failed),
+        "makespan_s": res.makespan_s, "p95_s": res.p95_s, "lb_s": lb,
+        "prefix_hit_rate": res.prefix_hit_rate, "model_loads": res.loads, "model_wakes": res.wakes,
+        "events": res.events, "sim_wall_s": res.wall_s,
+        "plan_ms_p95": percentile(res.plan_ms, 95),
+    }
+    trace = res.trace_rows(inst.name) if _STATE["trace"] else []
+    ctrl = res.controller
+    return JobResult(row, res.plan_ms, trace, res.prompt_tokens, res.cached_tokens, dict(ctrl.stats.solver_status),
+                     ctrl.estimator.calibration.median_abs_log_error())
+
+
+def run_jobs(cluster: ClusterSpec, instances: Sequence[Instance], policies: Sequence[str], seeds: Sequence[int],
+             trace: bool = False, jobs: int | None = None,
+             on_done: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+    todo = [Job(i, s, p) for i in range(len(instances)) for s in seeds for p in policies]
+    workers = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
+    results: list[JobResult] = []
+    if workers == 1:
+        _init(cluster, instances, trace)
+        for job in todo:
+            results.append(run_job(job))
+            if on_done:
+                on_done(results[-1])
+        return results
+    with ProcessPoolExecutor(workers, initializer=_init, initargs=(cluster, instances, trace)) as pool:
+        for fut in as_completed([pool.submit(run_job, j) for j in todo]):
+            results.append(fut.result())
+            if on_done:
+                on_done(results[-1])
+    return results
+
+
+def geomean(values: Sequence[float]) -> float:
+    vals = [v for v in values if v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+
+
+def aggregate(results: Sequence[JobResult], policies: Sequence[str]) -> dict:
+    """The results.json `policies` mapping (and `by_group` when instances are grouped)."""
+    rows = [r.row for r in results]
+    base = {(r["instance"], r["seed"]): r for r in rows if r["policy"] == NORMALISER}
+    summary = {p: _summarise([r for r in results if r.row["policy"] == p], base) for p in policies}
+    groups = sorted({r["group"] for r in rows if r["group"]})
+    by_group = {g: {p: _summarise([r for r in results if r.row["policy"] == p and r.row["group"] == g], base)
+                    for p in policies} for g in groups}
+    return {"policies": summary, "by_group": by_group}
+
+
+def _summarise(results: Sequence[JobResult], base: dict) -> dict:
+    rows = [r.row for r in results]
+    ok = [r for r in rows if (r["instance"], r["seed"]) in base and r["completed"] == r["workflows"]]
+    prompt = sum(r.prompt_tokens for r in results)
+    plan_ms = [ms for r in results for ms in r.plan_ms]
+    status: dict[str, int] = {}
+    for r in results:
+        for k, v in r.solver_status.items():
+            status[k] = status.get(k, 0) + v
+    return {
+        "normalized_makespan": geomean([r["makespan_s"] / base[(r["instance"], r["seed"])]["makespan_s"] for r in ok]),
+        "normalized_p95": geomean([r["p95_s"] / base[(r["instance"], r["seed"])]["p95_s"] for r in ok]),
+        "makespan_s": _mean([r["makespan_s"] for r in rows]),
+        "p95_s": _mean([r["p95_s"] for r in rows]),
+        "lb_ratio": geomean([r["makespan_s"] / r["lb_s"] for r in rows if r["lb_s"] > 0]),
+        "prefix_hit_rate": sum(r.cached_tokens for r in results) / prompt if prompt else 0.0,
+        "model_loads": _mean([r["model_loads"] for r in rows]),
+        "model_wakes": _mean([r["model_wakes"] for r in rows]),
+        "plan_ms_p50": percentile(plan_ms, 50),
+        "plan_ms_p95": percentile(plan_ms, 95),
+        "failed_workflows": sum(r["failed"] for r in rows),
+        "solver_status": status,
+        "estimator_median_abs_log_error": _mean([r.estimator_error for r in results]),
+        "runs": len(rows),
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def throughput(results: Sequence[JobResult]) -> float:
+    """Simulator shard events handled per second of simulation wall time, over all runs."""
+    events = sum(r.row["events"] for r in results)
+    wall = sum(r.row["sim_wall_s"] for r in results)
+    return events / wall if wall > 0 else 0.0
+

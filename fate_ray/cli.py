@@ -1,0 +1,163 @@
+"""`fate-ray`: validate workflow YAML, simulate it, benchmark policies.
+
+User errors (bad YAML, unknown names, missing files) print one line per problem and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+
+from fate_ray.spec.cluster import ClusterSpec, default_cluster_path, load_cluster
+from fate_ray.spec.errors import Problem, SpecError
+
+EXIT_USAGE = 2
+
+
+def make_console() -> Console:
+    # Tables are wide; when output goes to a file or CI log, do not squeeze them into 80 columns.
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
+def _cluster(path: str | None) -> ClusterSpec:
+    p = Path(path) if path else default_cluster_path()
+    if not p.exists():
+        raise SpecError([Problem(str(p), 1, "cluster file not found; pass --cluster FILE")])
+    return load_cluster(p)
+
+
+def cmd_validate(args) -> int:
+    from fate_ray.spec.workflow import load_workflow
+
+    cluster = _cluster(args.cluster)
+    problems: list[str] = []
+    for f in args.files:
+        try:
+            _, wf = load_workflow(f, cluster)
+        except SpecError as exc:
+            problems += [str(p) for p in exc.problems]
+            continue
+        requests = sum(s.num_requests for s in wf.stages.values())
+        print(f"ok: {f}: {len(wf.stages)} stages, {requests} requests, models {', '.join(sorted(wf.models))}")
+    for line in problems:
+        print(line, file=sys.stderr)
+    return EXIT_USAGE if problems else 0
+
+
+def cmd_simulate(args) -> int:
+    from fate_ray.cost import CostEstimator
+    from fate_ray.policies import make_policy  # noqa: F401  (validates the name below)
+    from fate_ray.policies.registry import policy_names
+    from fate_ray.sim.arrivals import arrivals
+    from fate_ray.sim.simulator import SimConfig, simulate
+    from fate_ray.spec.workflow import load_workflow
+
+    cluster = _cluster(args.cluster)
+    if args.policy not in policy_names():
+        raise ValueError(f"unknown policy {args.policy!r}; known: {', '.join(policy_names())}")
+    workflows = [load_workflow(f, cluster)[1] for f in args.files] * args.copies
+    instances = arrivals(workflows, args.arrival, CostEstimator(cluster), args.seed, args.utilisation)
+    res = simulate(cluster, instances, args.policy, SimConfig(seed=args.seed), record_trace=bool(args.trace))
+    print(f"policy {args.policy}, seed {args.seed}, {len(instances)} workflows on {cluster.name}")
+    print(f"makespan {res.makespan_s:.1f} s, P95 latency {res.p95_s:.1f} s, prefix hits "
+          f"{res.cached_tokens:,}/{res.prompt_tokens:,} tokens ({res.prefix_hit_rate:.0%}), model loads {res.loads}, "
+          f"wakes {res.wakes}, failed {len(res.failed)}")
+    for wid, why in res.failed.items():
+        print(f"failed: {wid}: {why}")
+    if args.trace:
+        with open(args.trace, "w") as fh:
+            for row in res.trace_rows("cli"):
+                fh.write(json.dumps(row) + "\n")
+    return 1 if res.failed else 0
+
+
+def cmd_bench(args) -> int:
+    from fate_ray.bench import run_suite
+    from fate_ray.policies import BASELINES
+    from fate_ray.policies.registry import policy_names
+
+    cluster = _cluster(args.cluster)
+    policies = args.policies.split(",") if args.policies else list(BASELINES)
+    unknown = [p for p in policies if p not in policy_names()]
+    if unknown:
+        raise ValueError(f"unknown policy {unknown[0]!r}; known: {', '.join(policy_names())}")
+    if args.seeds < 1:
+        raise ValueError("--seeds must be at least 1")
+    out = Path(args.out or f"results/{args.suite}")
+    run_suite(args.suite, cluster, policies, args.seeds, out, args.dags or (), args.trace, args.jobs,
+              console=make_console())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from fate_ray.bench import run_suite
+    from fate_ray.policies import BASELINES
+
+    console = make_console()
+    console.print("[bold]fate-ray demo[/]: the shipped example workflows on the default cluster "
+                  f"({default_cluster_path().name}), every policy, simulated")
+    run_suite("smoke", _cluster(None), list(BASELINES), args.seeds, Path(args.out), console=console)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fate-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check workflow YAML files against a cluster's model catalog")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--cluster", help="cluster YAML (default: the mixed H100/L4 cluster)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("simulate", help="simulate workflows under one policy")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--cluster")
+    p.add_argument("--policy", default="round_robin")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--copies", type=int, default=1, help="submit each workflow this many times")
+    p.add_argument("--arrival", choices=["all_at_once", "poisson"], default="all_at_once")
+    p.add_argument("--utilisation", type=float, default=0.7, help="target utilisation for Poisson arrivals")
+    p.add_argument("--trace", help="write one JSON line per executed shard to this file")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("bench", help="compare policies on a benchmark suite")
+    p.add_argument("--suite", choices=["smoke", "real-dag", "prefix-reuse"], required=True)
+    p.add_argument("--dags", nargs="+", help="files or folders (WfFormat *.json, Alibaba *.csv, Parrot *.jsonl)")
+    p.add_argument("--cluster")
+    p.add_argument("--policies", help="comma-separated (default: the six baselines)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", help="output folder (default results/<suite>)")
+    p.add_argument("--trace", action="store_true", help="also write trace.jsonl (one line per executed shard)")
+    p.add_argument("--jobs", type=int, help="parallel processes (default: all cores)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the main job: compare every policy on the shipped examples")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--out", default="results/demo")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        for p in exc.problems:
+            print(p, file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
