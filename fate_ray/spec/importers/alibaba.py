@@ -116,12 +116,14 @@ def _runtime_s(record: Mapping[str, str]) -> float:
 def _job_tasks(path: str | Path, job: str, rows: list[_Row]) -> list[Task]:
     kept: list[_Row] = []
     by_number: dict[int, str] = {}
+    seen_ids: set[str] = set()
     for row in rows:
-        if row.stage_id in {k.stage_id for k in kept} or row.number in by_number:
+        if row.stage_id in seen_ids or row.number in by_number:
             warn(path, row.line, f"job {job}: task {row.name!r} repeats task number or name of an earlier row; "
                  "row skipped")
             continue
         kept.append(row)
+        seen_ids.add(row.stage_id)
         if row.number is not None:
             by_number[row.number] = row.stage_id
     tasks = []

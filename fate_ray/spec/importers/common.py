@@ -170,4 +170,7 @@ def _request_prompt(task: Task, item: int, workflow: str, system_tokens: Mapping
         # The parent's context already opens with its own system prompt: no second one.
         return ContextPart(continued, item % done[continued].num_requests), own
     system = TextPart(stable_key("sysprompt", workflow, task.task_type), system_tokens[task.task_type])
-    return system, *(OutputPart(p, None) for p in task.parents[:MAX_PROMPT_PARENTS]), own
+    # A parent as wide as the task feeds it item by item (a map after a map); otherwise all its outputs are read.
+    inputs = (OutputPart(p, item if task.width > 1 and done[p].num_requests == task.width else None)
+              for p in task.parents[:MAX_PROMPT_PARENTS])
+    return system, *inputs, own

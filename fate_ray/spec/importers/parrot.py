@@ -1,8 +1,14 @@
 """Parrot MetaGPT JSONL (one round of calls per line) -> one Workflow, a stage per round.
 
-Sizes come from the traced OpenAI `usage`: a request's expected prompt (its inherited tokens plus its own
-parts) equals the traced `prompt_tokens`. A round's shared prefix is the common prefix of its prompts
-(system + user_msg) in characters at CHARS_PER_TOKEN, or the system prompt for a single-call round.
+Sizes come from the traced OpenAI `usage`: a request's expected prompt (inherited tokens plus its own parts)
+equals its traced `prompt_tokens`.
+- A call of file f continues f's call of the round before when there is one: (ContextPart(that call), own
+  text of prompt_tokens - that call's prompt and completion tokens, at least 1).
+- Other calls: (round prefix, OutputPart(previous round, None), own text). The round prefix is the common
+  prefix of the round's prompts (system + user_msg; the system prompt for a one-call round) in characters,
+  converted to tokens at the call's traced tokens-per-character (GPT-4 gets ~4.5 chars/token on this code, so a
+  flat 4 would make the prefix longer than the whole prompt), minus the previous round's output tokens, which
+  MetaGPT pastes into that shared context. Its own text is the rest of its prompt_tokens.
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ class _Round:
         return f"system-{stable_key(system) % 16**8:08x}"
 
 
+def _round_number(key: str) -> int:
+    return int(_ROUND_KEY.fullmatch(key).group(1))
+
+
 def is_parrot_record(record: Any) -> bool:
     return isinstance(record, dict) and any(_ROUND_KEY.fullmatch(str(k)) for k in record)
 
@@ -73,7 +83,7 @@ def _read_rounds(path: str | Path) -> list[_Round]:
     for line, record in iter_jsonl(path):
         if not is_parrot_record(record):
             raise spec_error(path, line, "not a Parrot MetaGPT round: expected `rK_queries` and `rK_responses` keys")
-        for key in sorted((k for k in record if _ROUND_KEY.fullmatch(k)), key=lambda k: int(k[1:-8])):
+        for key in sorted((k for k in record if _ROUND_KEY.fullmatch(k)), key=_round_number):
             stage_id = key.removesuffix("_queries")
             if any(r.stage_id == stage_id for r in rounds):
                 raise spec_error(path, line, f"round {stage_id} appears twice")
@@ -135,7 +145,15 @@ def _round_stage(workflow: str, round_: _Round, previous: _Round | None, model: 
 
 
 def _shared_prefix_tokens(calls: tuple[_Call, ...], fresh: list[_Call], inherited_tokens: int) -> int:
-    """Common prefix chars / CHARS_PER_TOKEN, capped so every fresh call keeps >= 1 token of its own."""
+    """The round's common prefix in tokens, less the inherited outputs it contains; <= every fresh call's room."""
     prefix_chars = len(os.path.commonprefix([c.prompt for c in calls])) if len(calls) > 1 else len(calls[0].system)
-    room = min((c.prompt_tokens - inherited_tokens - 1 for c in fresh), default=0)
-    return max(0, min(prefix_chars // CHARS_PER_TOKEN, room))
+    sizes = [_tokens_of_chars(prefix_chars, c) - inherited_tokens for c in fresh]
+    room = [c.prompt_tokens - inherited_tokens - 1 for c in fresh]
+    return max(0, min(sizes + room, default=0))
+
+
+def _tokens_of_chars(chars: int, call: _Call) -> int:
+    """`chars` of `call`'s prompt in tokens at its traced ratio (CHARS_PER_TOKEN if the prompt text is empty)."""
+    if not call.prompt:
+        return chars // CHARS_PER_TOKEN
+    return round(chars * call.prompt_tokens / len(call.prompt))
