@@ -70,6 +70,7 @@ class Controller:
         self.now_s = 0.0
         self._shard_seq = 0
         self._attempts: dict[tuple[str, str], int] = {}  # next attempt number of a stage's retried requests
+        self._ranks_by_dag: dict[int, dict[str, float]] = {}  # instances of one DAG share their stages mapping
 
     # -- the one entry point ----------------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Command]:
@@ -96,7 +97,10 @@ class Controller:
     def _submit(self, workflow: Workflow) -> None:
         if workflow.workflow_id in self.workflows:
             raise ValueError(f"workflow id {workflow.workflow_id!r} was already submitted; give each run its own id")
-        run = WorkflowRun(workflow, self._upward_ranks(workflow), self.cluster.block_tokens)
+        ranks = self._ranks_by_dag.get(id(workflow.stages))
+        if ranks is None:
+            ranks = self._ranks_by_dag[id(workflow.stages)] = self._upward_ranks(workflow)
+        run = WorkflowRun(workflow, ranks, self.cluster.block_tokens)
         self.workflows[workflow.workflow_id] = run
         for sid in run.initially_ready():
             self._make_ready(run, sid)

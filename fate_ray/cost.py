@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
 from fate_ray.spec.cluster import ClusterSpec, ModelProfile
-from fate_ray.state import Activation, PrefixCache, Residency
+from fate_ray.state import Activation, PrefixCache, Residency, prefix_match
 
 PHASES = ("activation", "prefill", "decode")
 TEXT_BYTES_PER_TOKEN = 4
@@ -76,17 +76,16 @@ def decode_seconds(profile: ModelProfile, output_tokens: Sequence[int], other_re
 
 
 def cached_tokens_in_batch(cache: PrefixCache | None, requests: Sequence[RequestShape], block_tokens: int) -> int:
-    """Tokens served from cache: blocks already on the device, or computed by an earlier request of the batch."""
+    """Tokens served from cache: blocks already on the device, or computed by an earlier request of the batch.
+
+    Both sets are prefix-closed, so a request's hit is the longer of its two leading matches (a prefix that
+    alternates between them would match a little more; rare enough to ignore).
+    """
     seen: set[int] = set()
     hit_blocks = 0
     for req in requests:
-        n = 0
-        for h in req.block_hashes:
-            if h in seen or (cache is not None and h in cache):
-                n += 1
-            else:
-                break
-        hit_blocks += n
+        on_device = cache.match_blocks(req.block_hashes) if cache is not None else 0
+        hit_blocks += max(on_device, prefix_match(seen, req.block_hashes)) if seen else on_device
         seen.update(req.block_hashes)
     return hit_blocks * block_tokens
 

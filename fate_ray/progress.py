@@ -25,13 +25,14 @@ class StageRun:
     outputs: dict[int, str] = field(default_factory=dict)
     output_node: dict[int, str] = field(default_factory=dict)
     output_device: dict[int, str] = field(default_factory=dict)
+    output_segments: dict[int, Segment] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
         return len(self.output_tokens) == self.stage.num_requests
 
-    def output_segment(self, workflow_id: str, index: int) -> Segment:
-        return Segment(output_key(workflow_id, self.stage.stage_id, index), self.output_tokens[index])
+    def output_segment(self, index: int) -> Segment:
+        return self.output_segments[index]
 
 
 class WorkflowRun:
@@ -60,18 +61,17 @@ class WorkflowRun:
 
     def _resolve(self, parts) -> tuple[Segment, ...]:
         out: list[Segment] = []
-        wid = self.workflow_id
         for part in parts:
             if isinstance(part, TextPart):
                 out.append(Segment(part.key, part.tokens))
             elif isinstance(part, OutputPart):
                 parent = self.stages[part.parent]
                 items = range(parent.stage.num_requests) if part.item is None else (part.item,)
-                out.extend(parent.output_segment(wid, i) for i in items)
+                out.extend(parent.output_segment(i) for i in items)
             elif isinstance(part, ContextPart):
                 parent = self.stages[part.parent]
                 out.extend(parent.prompts[part.item])
-                out.append(parent.output_segment(wid, part.item))
+                out.append(parent.output_segment(part.item))
         return tuple(out)
 
     def input_bytes_by_node(self, stage_id: str) -> dict[str, int]:
@@ -89,6 +89,7 @@ class WorkflowRun:
         if index in run.output_tokens:
             return False
         run.output_tokens[index] = tokens
+        run.output_segments[index] = Segment(output_key(self.workflow_id, stage_id, index), tokens)
         run.output_node[index] = node
         run.output_device[index] = device_id
         if text:
@@ -98,7 +99,7 @@ class WorkflowRun:
     def full_hashes(self, stage_id: str, index: int) -> tuple[int, ...]:
         """Blocks of prompt + output: what the device caches after running the request."""
         run = self.stages[stage_id]
-        return block_hashes(run.prompts[index] + (run.output_segment(self.workflow_id, index),), self.block_tokens)
+        return block_hashes(run.prompts[index] + (run.output_segment(index),), self.block_tokens)
 
     def complete(self, stage_id: str) -> list[str]:
         """Mark a stage done; returns the children that became ready."""

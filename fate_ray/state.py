@@ -11,10 +11,10 @@ that cannot sleep (vLLM on CPU) only knows ACTIVE and ABSENT.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Container, Iterable, Literal, Mapping, Sequence
 
 from fate_ray.spec.cluster import ClusterSpec, Device
 from fate_ray.workload import Segment
@@ -69,55 +69,87 @@ def _hash_segment(carry: _Carry, seg: Segment, block_tokens: int) -> tuple[tuple
     return tuple(blocks), (prev, tuple(pieces), filled)
 
 
-class PrefixCache:
-    """An LRU set of block hashes with a capacity in blocks (one per model on a device)."""
+def prefix_match(present: Container[int], hashes: Sequence[int]) -> int:
+    """Leading blocks of `hashes` in `present`, by binary search: valid when `present` is prefix-closed (holding a
+    block implies holding its prefix), as a PrefixCache and any union of whole prompts' blocks are."""
+    lo, hi = 0, len(hashes)  # invariant: hashes[:lo] present, hashes[hi] absent or past the end
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if hashes[mid - 1] in present:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
-    __slots__ = ("capacity_blocks", "_blocks")
+
+class PrefixCache:
+    """An LRU set of chained block hashes with a capacity in blocks (one per model on a device).
+
+    Within one insert the blocks are aged tail first, as vLLM frees a finished request's blocks in reverse order:
+    a block is always older than every block of its own prefix. So eviction never removes a prefix while
+    keeping its extension, the cache stays prefix-closed, and `match_blocks` can binary-search.
+
+    NOTE: recency is a tick per block plus a tick-ordered log of touches (stale entries are skipped when they
+    reach the head), because moving every touched block in an OrderedDict dominated the simulator's time.
+    """
+
+    __slots__ = ("capacity_blocks", "_tick", "_log_ticks", "_log_blocks", "_next_tick")
 
     def __init__(self, capacity_blocks: int, blocks: Iterable[int] = ()):
         self.capacity_blocks = capacity_blocks
-        self._blocks: OrderedDict[int, None] = OrderedDict((b, None) for b in blocks)
-        self._evict_over_capacity()
+        self._tick: dict[int, int] = {}
+        # The touch log, in increasing tick order, as two parallel deques (no tuple per touch).
+        self._log_ticks: deque[int] = deque()
+        self._log_blocks: deque[int] = deque()
+        self._next_tick = 0
+        ordered = list(blocks)  # given least recently used first
+        self.insert(ordered[::-1])
 
     def match_blocks(self, hashes: Sequence[int]) -> int:
         """Number of leading blocks of `hashes` present (a chained hash is only useful after its predecessors)."""
-        n = 0
-        blocks = self._blocks
-        for h in hashes:
-            if h not in blocks:
-                break
-            n += 1
-        return n
+        return prefix_match(self._tick, hashes)
 
-    def insert(self, hashes: Iterable[int]) -> int:
-        """Touch or add blocks as most recently used; returns how many blocks were evicted to make room."""
-        blocks = self._blocks
-        for h in hashes:
-            if h in blocks:
-                blocks.move_to_end(h)
-            else:
-                blocks[h] = None
-        return self._evict_over_capacity()
+    def insert(self, hashes: Sequence[int]) -> int:
+        """Touch or add blocks as most recently used (the head of the prompt most recent of all); returns how many
+        blocks were evicted to make room."""
+        n = len(hashes)
+        if not n:
+            return 0
+        base = self._next_tick
+        ticks = range(base, base + n)
+        self._tick.update(zip(reversed(hashes), ticks))
+        self._log_ticks.extend(ticks)
+        self._log_blocks.extend(reversed(hashes))
+        self._next_tick = base + n
+        evicted = self._evict_over_capacity()
+        if len(self._log_ticks) > 4 * len(self._tick) + 64:
+            live = sorted((t, h) for h, t in self._tick.items())
+            self._log_ticks = deque(t for t, _ in live)
+            self._log_blocks = deque(h for _, h in live)
+        return evicted
 
     def _evict_over_capacity(self) -> int:
         evicted = 0
-        while len(self._blocks) > self.capacity_blocks:
-            self._blocks.popitem(last=False)
-            evicted += 1
+        tick, pop_tick, pop_block = self._tick, self._log_ticks.popleft, self._log_blocks.popleft
+        while len(tick) > self.capacity_blocks:
+            t, h = pop_tick(), pop_block()
+            if tick.get(h) == t:  # else a stale entry: the block was touched again later
+                del tick[h]
+                evicted += 1
         return evicted
 
     def blocks(self) -> tuple[int, ...]:
         """Blocks from least to most recently used."""
-        return tuple(self._blocks)
+        return tuple(h for h, _ in sorted(self._tick.items(), key=lambda kv: kv[1]))
 
     def copy(self) -> PrefixCache:
-        return PrefixCache(self.capacity_blocks, self._blocks)
+        return PrefixCache(self.capacity_blocks, self.blocks())
 
     def __len__(self) -> int:
-        return len(self._blocks)
+        return len(self._tick)
 
     def __contains__(self, h: int) -> bool:
-        return h in self._blocks
+        return h in self._tick
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,7 @@ def smoke_instances(cluster: ClusterSpec, files: Sequence[Path] | None = None) -
             Instance("examples-batch", tuple(wfs), arrival="all_at_once")]
 
 
-def real_dag_instances(paths: Sequence[str], cluster: ClusterSpec, copies: int = 4,
+def real_dag_instances(paths: Sequence[str], cluster: ClusterSpec, copies: int = 6,
                        alibaba_jobs_per_instance: int = 10) -> list[Instance]:
     from fate_ray.spec.importers import load_dags
 
@@ -76,7 +76,7 @@ def _short(w: Workflow) -> str:
     return Path(w.source).stem if w.source else w.name
 
 
-def prefix_reuse_instances(copies: int = 6) -> list[Instance]:
+def prefix_reuse_instances(copies: int = 16) -> list[Instance]:
     out = []
     for sharing in SHARING_RATIOS:
         for shape in SHAPES:
