@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fate_ray.cost import CostEstimator, RequestShape
+from fate_ray.cost import CostEstimator, RequestShape, decode_seconds
 from fate_ray.events import (
     Command, Dispatch, Event, Shard, ShardFailed, ShardFinished, WorkerLost, WorkerStateReported, WorkflowDone,
     WorkflowSubmitted,
@@ -132,18 +132,18 @@ class Controller:
         return self._maybe_complete(run, shard.stage_id)
 
     def _observe(self, shard: Shard, dev: DeviceQueue, ev: ShardFinished) -> None:
+        """Feed measured phase times to calibration, against raw estimates made with the true output lengths."""
         if not ev.phase_s:
             return
-        cal = self.estimator.calibration
-        reqs = [RequestShape(sum(s.tokens for s in p), (), t) for p, t in zip(shard.prompts, ev.output_tokens)]
         prof = self.estimator.profile(shard.model, dev.state.device.type)
-        est = {
-            "prefill": max(0, sum(r.prompt_tokens for r in reqs) - ev.cached_tokens) / prof.prefill_tok_s,
-            "decode": self.estimator.shard_cost(shard.model, dev.state.device.type, reqs, None).decode_s,
+        prompt_tokens = sum(shard.prompt_tokens)
+        raw = {
+            "prefill": max(0, prompt_tokens - ev.cached_tokens) / prof.prefill_tok_s,
+            "decode": decode_seconds(prof, ev.output_tokens),
         }
         for phase, measured in ev.phase_s.items():
-            if phase in est:
-                cal.observe(shard.model, dev.state.device.type, phase, measured, est[phase])
+            if phase in raw:
+                self.estimator.calibration.observe(shard.model, dev.state.device.type, phase, measured, raw[phase])
 
     def _maybe_complete(self, run: WorkflowRun, stage_id: str) -> list[Command]:
         if not run.stages[stage_id].done:

@@ -103,11 +103,11 @@ class Calibration:
         return self._factor.get((model, device_type, phase), 1.0) if self.enabled else 1.0
 
     def observe(self, model: str, device_type: str, phase: str, measured_s: float, estimated_s: float) -> None:
-        """Record one measurement of a phase against the (uncalibrated) estimate of it."""
+        """Record one measurement of a phase against the raw (uncalibrated) estimate of it."""
         if measured_s <= 0 or estimated_s <= 0:
             return
         key = (model, device_type, phase)
-        calibrated = estimated_s * self._factor.get(key, 1.0)
+        calibrated = estimated_s * self.factor(model, device_type, phase)  # what the planner actually used
         self._log_errors.append(abs(math.log(measured_s / calibrated)))
         ratio = measured_s / estimated_s
         old = self._factor.get(key)

@@ -40,6 +40,7 @@ from fate_ray.spec.yaml_lines import LocatedYaml, load_located, parse_located
 from fate_ray.workload import ContextPart, OutputPart, Part, Stage, TextPart, Workflow, stable_key
 
 CHARS_PER_TOKEN = 4
+MAX_REPEAT = 1024  # samples per item; more is a typo, not a workload
 # Strict: `max_tokens: true` or `repeat: "3"` are mistakes, not 1 and 3.
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 _ID = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
@@ -62,7 +63,7 @@ class StageSpec(_Frozen):
     after: list[str] = Field(default_factory=list, description="Parent stages that must finish first.")
     continues: str | None = Field(None, description="A parent whose conversation (prompt + output) this extends.")
     map: str | None = Field(None, description="`inputs.<list>` or `<parent>.outputs`: one request per element.")
-    repeat: PositiveInt = Field(1, description="Samples per element (self-consistency fan-out).")
+    repeat: PositiveInt = Field(1, le=MAX_REPEAT, description="Samples per element (self-consistency fan-out).")
     prompt: PromptSpec = Field(default_factory=PromptSpec)
     max_tokens: PositiveInt = Field(description="Output token limit per request.")
     output_tokens: PositiveInt | None = Field(None, description="Expected output tokens; default max_tokens / 2.")
@@ -108,7 +109,11 @@ def check_workflow(doc: LocatedYaml, cluster: ClusterSpec) -> tuple[WorkflowSpec
     problems = _semantic_problems(spec, doc, cluster)
     if problems:
         raise SpecError(problems)
-    return spec, compile_workflow(spec, workflow_id=spec.name, source=doc.file)
+    try:
+        return spec, compile_workflow(spec, workflow_id=spec.name, source=doc.file)
+    except StageTemplateError as exc:
+        at = ("stages", [s.id for s in spec.stages].index(exc.stage_id), "prompt", "template")
+        raise SpecError([doc.problem(at, str(exc))]) from None
 
 
 def _semantic_problems(spec: WorkflowSpec, doc: LocatedYaml, cluster: ClusterSpec) -> list[Problem]:
@@ -223,6 +228,14 @@ def _map_problems(stage: StageSpec, at, spec: WorkflowSpec, doc: LocatedYaml) ->
     return []
 
 
+class StageTemplateError(ValueError):
+    """A stage's template failed for one of its items (validation renders only the first)."""
+
+    def __init__(self, stage_id: str, message: str):
+        super().__init__(f"stage {stage_id!r}: {message}")
+        self.stage_id = stage_id
+
+
 def _tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
 
@@ -245,6 +258,7 @@ def compile_workflow(spec: WorkflowSpec, workflow_id: str, arrival_s: float = 0.
         referenced = [p for p in st.parents
                       if (p in info.names or (p == item_parent and "item" in info.names)) and p != st.continues]
         prompts: list[tuple[Part, ...]] = []
+        rendered: dict[tuple[int, int], str] = {}
         for r in range(len(items) * st.repeat):
             i = r // st.repeat
             parts: list[Part] = []
@@ -254,7 +268,13 @@ def compile_workflow(spec: WorkflowSpec, workflow_id: str, arrival_s: float = 0.
                 parts.append(prefix_part)
             parts += [OutputPart(p, i if p == item_parent else None) for p in referenced]
             if st.prompt.template or st.prompt.tokens:
-                text = _render_static(st, spec, items[i], i, r % st.repeat)
+                sample = r % st.repeat if "sample" in info.names else 0
+                if (i, sample) not in rendered:
+                    try:
+                        rendered[i, sample] = _render_static(st, spec, items[i], i, sample)
+                    except ValueError as exc:
+                        raise StageTemplateError(sid, f"item {i}: {exc}") from None
+                text = rendered[i, sample]
                 # Keyed by request item, not sample: the `repeat` samples of one item share their whole prompt.
                 parts.append(TextPart(stable_key("text", workflow_id, sid, i, text), st.prompt.tokens or _tokens(text)))
             prompts.append(tuple(parts))

@@ -46,7 +46,13 @@ class LocatedYaml:
         return out
 
 
-def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], duplicates: list[tuple[str, int]]) -> None:
+def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], duplicates: list[tuple[str, int]],
+          walked: set[int]) -> None:
+    # An alias is the same node object again: walk each node once, or a self-referencing anchor recurses
+    # forever and nested aliases ("billion laughs") take exponential time.
+    if id(node) in walked:
+        return
+    walked.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key, value in node.value:
@@ -56,12 +62,12 @@ def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], duplicates: list[tup
                 duplicates.append((str(key.value), key.start_mark.line + 1))
             seen.add(key.value)
             lines[sub] = key.start_mark.line + 1
-            _walk(value, sub, lines, duplicates)
+            _walk(value, sub, lines, duplicates, walked)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             sub = loc + (i,)
             lines[sub] = item.start_mark.line + 1
-            _walk(item, sub, lines, duplicates)
+            _walk(item, sub, lines, duplicates, walked)
 
 
 def load_located(path: str | Path) -> LocatedYaml:
@@ -88,7 +94,7 @@ def parse_located(text: str, file: str) -> LocatedYaml:
     lines: dict[Loc, int] = {}
     duplicates: list[tuple[str, int]] = []
     if node is not None:
-        _walk(node, (), lines, duplicates)
+        _walk(node, (), lines, duplicates, set())
     if duplicates:
         raise SpecError([Problem(file, line, f"key {key!r} appears twice in one mapping; keep one")
                          for key, line in duplicates])
