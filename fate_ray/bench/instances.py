@@ -3,6 +3,8 @@
 - `smoke`: the shipped example workflows (workflows/*.yaml), twice each, Poisson at 70% utilisation.
 - `real-dag`: each WfCommons file is one instance (the DAG submitted `copies` times); Alibaba jobs are grouped
   `alibaba_jobs_per_instance` at a time; Parrot MetaGPT logs are one instance each. Poisson at 70% utilisation.
+  A Mooncake trace file given by name is one instance of its first `MOONCAKE_REQUESTS` requests at their traced
+  arrival times (one single-request workflow each).
 - `prefix-reuse`: every shape of sim/workloads.py at every sharing ratio, `copies` workflows per instance, grouped
   by sharing ratio in the report.
 The DAG-to-LLM mapping uses seed 0 (an instance is a fixed workload); the run seed varies arrivals, output lengths
@@ -24,6 +26,7 @@ from fate_ray.workload import Workflow
 
 SUITES = ("smoke", "real-dag", "prefix-reuse")
 UTILISATION = 0.7
+MOONCAKE_REQUESTS = 2000
 
 
 @dataclass(frozen=True)
@@ -61,15 +64,29 @@ def real_dag_instances(paths: Sequence[str], cluster: ClusterSpec, copies: int =
     if not paths:
         raise SpecError([Problem("--dags", 1, "the real-dag suite needs --dags PATH (WfFormat JSON or Alibaba CSV "
                                  "files or folders, e.g. ../shared/realdags/wfcommons)")])
+    from fate_ray.spec.importers import load_mooncake
+
     catalog = {name: m.params_b for name, m in cluster.models.items() if cluster.devices_for(name)}
-    workflows = load_dags(paths, 0, catalog)
+    traces = [p for p in paths if _is_mooncake(Path(p))]
+    workflows = load_dags([p for p in paths if p not in traces], 0, catalog) if len(traces) < len(paths) else []
     singles = [w for w in workflows if not w.source.endswith(".csv")]
     jobs = [w for w in workflows if w.source.endswith(".csv")]
     out = [Instance(_short(w), (w,) * copies) for w in singles]
     for k in range(0, len(jobs), alibaba_jobs_per_instance):
         group = tuple(jobs[k:k + alibaba_jobs_per_instance])
         out.append(Instance(f"alibaba-{k // alibaba_jobs_per_instance:02d}", group))
+    for trace in traces:
+        requests = load_mooncake(trace, limit=MOONCAKE_REQUESTS)
+        out.append(Instance(f"mooncake-{len(requests)}", tuple(requests), arrival="trace"))
     return out
+
+
+def _is_mooncake(path: Path) -> bool:
+    """A named .jsonl file whose first record has Mooncake's `hash_ids` (folders are scanned by load_dags)."""
+    if not (path.is_file() and path.suffix == ".jsonl"):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return '"hash_ids"' in fh.readline()
 
 
 def _short(w: Workflow) -> str:
