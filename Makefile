@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(BIN)/fate-ray demo
 
 test: $(STAMP)
+	$(BIN)/ruff check fate_ray tests
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 
 from fate_ray.cost import CostEstimator, RequestShape, decode_seconds
 from fate_ray.events import (
-    Command, Dispatch, Event, Shard, ShardFailed, ShardFinished, WorkerLost, WorkerStateReported, WorkflowDone,
+    Command,
+    Dispatch,
+    Event,
+    Shard,
+    ShardFailed,
+    ShardFinished,
+    WorkerLost,
+    WorkerStateReported,
+    WorkflowDone,
     WorkflowSubmitted,
 )
 from fate_ray.policies.base import Plan, Policy, ReadyStage

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol
 
 from fate_ray.spec.cluster import ClusterSpec, ModelProfile
 from fate_ray.state import Activation, PrefixCache, Residency, prefix_match

@@ -5,8 +5,8 @@ Times are seconds on the caller's clock (virtual in the simulator, wall clock in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from fate_ray.state import Activation, Residency
 from fate_ray.workload import Segment, Workflow

@@ -12,9 +12,10 @@ that cannot sleep (vLLM on CPU) only knows ACTIVE and ABSENT.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Container, Iterable, Literal, Mapping, Sequence
+from typing import Literal
 
 from fate_ray.spec.cluster import ClusterSpec, Device
 from fate_ray.workload import Segment

@@ -13,8 +13,9 @@ hashes would.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 
 def stable_key(*parts: object) -> int:

@@ -13,9 +13,9 @@ and noise, identically for every policy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from fate_ray.cost import CostEstimator
 from fate_ray.sim.arrivals import ArrivalMode, arrivals

@@ -14,7 +14,7 @@ lengths (cost.py, stateless). It is an estimate, not a proof: prefix-cache hits 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from fate_ray.controller import expected_prompt_tokens
 from fate_ray.cost import CostEstimator, RequestShape

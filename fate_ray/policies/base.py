@@ -9,8 +9,9 @@ queues it there; devices run their queues in the policy's `queue_order`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Mapping, Sequence
+from typing import ClassVar, Literal
 
 from fate_ray.cost import CostEstimator, RequestShape
 from fate_ray.events import StageKey

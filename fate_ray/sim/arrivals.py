@@ -11,7 +11,8 @@ Instances are renamed `<workflow id>#<k>` so repeated submissions of one DAG sta
 from __future__ import annotations
 
 import random
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 from fate_ray.controller import expected_prompt_tokens
 from fate_ray.cost import CostEstimator, RequestShape

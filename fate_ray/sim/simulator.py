@@ -10,8 +10,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from fate_ray.controller import Controller
 from fate_ray.cost import Calibration, CostEstimator

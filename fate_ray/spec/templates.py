@@ -7,30 +7,53 @@ element and its position), `sample` (in a `repeat` stage), and `<parent>.outputs
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from jinja2 import TemplateError, meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 LOOP_VARIABLES = frozenset({"item", "index", "sample"})
 
-MAX_REPEAT = 100_000  # `'x' * n` and `n ** k` beyond this are refused: a template must not exhaust memory
+# Templates are user input: besides the sandbox's rules (no attributes starting with "_", no unsafe callables),
+# refuse what would exhaust memory or time at validation.
+MAX_TEXT_CHARS = 1_000_000  # a rendered prompt, or a string/list built by `*`
+MAX_RENDER_S = 2.0
+MAX_LOOP_RANGE = 10_000
+# Methods and filters whose width argument can build a huge string in one call.
+_WIDTH_METHODS = frozenset({"format", "format_map", "center", "ljust", "rjust", "zfill", "expandtabs"})
+_WIDTH_FILTERS = ("center", "format", "indent", "wordwrap", "filesizeformat")
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
 
     def call_binop(self, context, operator, left, right):
-        if operator == "**" and isinstance(right, int) and abs(right) > 64:
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
             raise SecurityError("exponent too large")
-        if operator == "*" and any(isinstance(x, int) and abs(x) > MAX_REPEAT for x in (left, right)) \
-                and any(isinstance(x, (str, list, tuple)) for x in (left, right)):
-            raise SecurityError("repetition too large")
+        if operator == "*":
+            seq, times = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_TEXT_CHARS:
+                raise SecurityError("repetition builds more than a million elements")
         return super().call_binop(context, operator, left, right)
+
+    def is_safe_attribute(self, obj, attr, value):
+        return attr not in _WIDTH_METHODS and super().is_safe_attribute(obj, attr, value)
 
 
 _ENV = _BoundedSandbox(autoescape=False, keep_trailing_newline=True)
+for _name in _WIDTH_FILTERS:
+    _ENV.filters.pop(_name, None)
+_ENV.globals["range"] = lambda *args: _bounded_range(*args)
+
+
+def _bounded_range(*args: int) -> range:
+    r = range(*args)
+    if len(r) > MAX_LOOP_RANGE:
+        raise SecurityError(f"range of {len(r)} items; templates may loop at most {MAX_LOOP_RANGE} times")
+    return r
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +69,11 @@ def inspect_template(source: str) -> TemplateInfo:
     """Parse `source`; raise ValueError with a one-line reason if it is malformed or reaches for internals."""
     try:
         ast = _ENV.parse(source)
+        _ENV.compile(ast)  # deep nesting fails here (RecursionError, SyntaxError), not at run time
     except TemplateError as exc:
         raise ValueError(f"template does not parse: {exc.message}") from None
+    except (RecursionError, SyntaxError, MemoryError) as exc:
+        raise ValueError(f"template is nested too deeply to compile ({exc.__class__.__name__})") from None
     attrs: dict[str, set[str]] = {}
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
         attr = node.attr if isinstance(node, nodes.Getattr) else _const_str(node.arg)
@@ -80,10 +106,26 @@ class ParentOutputs:
 
 
 def render(source: str, context: Mapping[str, Any]) -> str:
-    """Render in the immutable sandbox; a sandbox violation becomes ValueError with one line."""
+    """Render in the bounded sandbox; any failure becomes ValueError with one line.
+
+    NOTE: the size and time limits are checked between output chunks, so a loop that emits nothing is only
+    bounded by MAX_LOOP_RANGE per `range`.
+    """
+    deadline = time.monotonic() + MAX_RENDER_S
+    chunks: list[str] = []
+    size = 0
     try:
-        return _ENV.from_string(source).render(**context)
+        for chunk in _ENV.from_string(source).generate(**context):
+            size += len(chunk)
+            if size > MAX_TEXT_CHARS:
+                raise SecurityError("the rendered prompt exceeds a million characters")
+            if time.monotonic() > deadline:
+                raise SecurityError(f"rendering took longer than {MAX_RENDER_S:g} s")
+            chunks.append(chunk)
     except SecurityError as exc:
         raise ValueError(f"template blocked by the sandbox: {exc}") from None
-    except (TemplateError, ArithmeticError, TypeError, ValueError, LookupError, AttributeError) as exc:
+    except MemoryError:
+        raise ValueError("template failed to render: it needs too much memory") from None
+    except Exception as exc:  # noqa: BLE001 -- any error of a user's template is a user error, reported in one line
         raise ValueError(f"template failed to render: {exc.__class__.__name__}: {exc}") from None
+    return "".join(chunks)

@@ -26,11 +26,9 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import networkx as nx
-from typing import Annotated
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fate_ray.spec.cluster import ClusterSpec
