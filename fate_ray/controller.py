@@ -30,7 +30,7 @@ from fate_ray.events import (
     WorkflowSubmitted,
 )
 from fate_ray.policies.base import Plan, Policy, ReadyStage
-from fate_ray.progress import WorkflowRun
+from fate_ray.progress import DagInfo, WorkflowRun
 from fate_ray.spec.cluster import ClusterSpec
 from fate_ray.state import ClusterSnapshot, DeviceState, snapshot_device
 from fate_ray.workload import ContextPart, OutputPart, TextPart, Workflow
@@ -78,7 +78,7 @@ class Controller:
         self.now_s = 0.0
         self._shard_seq = 0
         self._attempts: dict[tuple[str, str], int] = {}  # next attempt number of a stage's retried requests
-        self._ranks_by_dag: dict[int, dict[str, float]] = {}  # instances of one DAG share their stages mapping
+        self._dags: dict[int, DagInfo] = {}  # by id(workflow.stages): instances of one DAG share that mapping
 
     # -- the one entry point ----------------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Command]:
@@ -105,10 +105,12 @@ class Controller:
     def _submit(self, workflow: Workflow) -> None:
         if workflow.workflow_id in self.workflows:
             raise ValueError(f"workflow id {workflow.workflow_id!r} was already submitted; give each run its own id")
-        ranks = self._ranks_by_dag.get(id(workflow.stages))
-        if ranks is None:
-            ranks = self._ranks_by_dag[id(workflow.stages)] = self._upward_ranks(workflow)
-        run = WorkflowRun(workflow, ranks, self.cluster.block_tokens)
+        dag = self._dags.get(id(workflow.stages))
+        if dag is None:
+            prompts = expected_prompt_tokens(workflow)
+            dag = DagInfo(workflow.stages, workflow.children(), prompts, self._upward_ranks(workflow, prompts))
+            self._dags[id(workflow.stages)] = dag
+        run = WorkflowRun(workflow, dag, self.cluster.block_tokens)
         self.workflows[workflow.workflow_id] = run
         for sid in run.initially_ready():
             self._make_ready(run, sid)
@@ -240,7 +242,7 @@ class Controller:
             exp = stage.stage.expected_output_tokens
             reqs = tuple(RequestShape(sum(s.tokens for s in stage.prompts[i]), stage.hashes[i], exp) for i in idx)
             out.append(ReadyStage((wid, sid), stage.stage.model, idx, reqs, stage.stage.shardable, stage.rank_s,
-                                  run.workflow.arrival_s, run.input_bytes_by_node(sid)))
+                                  run.workflow.arrival_s, run.input_bytes_by_node(sid), run.dag))
         return out
 
     def _plan_round(self) -> list[Command]:
@@ -346,9 +348,8 @@ class Controller:
         return Dispatch(shard, device_id, act.evict, act.kind, est.service_s)
 
     # -- derived quantities -----------------------------------------------------------------------------------------
-    def _upward_ranks(self, workflow: Workflow) -> dict[str, float]:
+    def _upward_ranks(self, workflow: Workflow, prompt_tokens: dict[str, list[int]]) -> dict[str, float]:
         """Longest estimated path from each stage to a sink, with expected token counts and no state."""
-        prompt_tokens = expected_prompt_tokens(workflow)
         kids = workflow.children()
         ranks: dict[str, float] = {}
         for sid in reversed(workflow.order):

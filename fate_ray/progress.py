@@ -6,11 +6,22 @@ that was presumed dead is dropped), so no stage output is lost or duplicated whe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fate_ray.cost import TEXT_BYTES_PER_TOKEN
 from fate_ray.state import block_hashes
 from fate_ray.workload import ContextPart, OutputPart, Segment, Stage, TextPart, Workflow, output_key
+
+
+@dataclass(frozen=True)
+class DagInfo:
+    """Read-only facts about one DAG that planners look ahead with (shared by every instance of the DAG)."""
+
+    stages: Mapping[str, Stage]
+    children: Mapping[str, tuple[str, ...]]
+    prompt_tokens: Mapping[str, list[int]]  # per request, parents' outputs at their expected length
+    ranks_s: Mapping[str, float]  # upward rank: estimated longest path from the stage to a sink
 
 
 @dataclass
@@ -38,11 +49,12 @@ class StageRun:
 class WorkflowRun:
     """Stage states of one workflow; `resolve` turns symbolic prompts into segments once parents are done."""
 
-    def __init__(self, workflow: Workflow, ranks_s: dict[str, float], block_tokens: int):
+    def __init__(self, workflow: Workflow, dag: DagInfo, block_tokens: int):
         self.workflow = workflow
+        self.dag = dag
         self.block_tokens = block_tokens
-        self.children = workflow.children()
-        self.stages = {sid: StageRun(st, ranks_s[sid], len(st.parents)) for sid, st in workflow.stages.items()}
+        self.children = dag.children
+        self.stages = {sid: StageRun(st, dag.ranks_s[sid], len(st.parents)) for sid, st in workflow.stages.items()}
         self.remaining = len(self.stages)
         self.failed = ""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from fate_ray.spec.cluster import ClusterSpec, Device
+from fate_ray.spec.cluster import ClusterSpec, Device, ModelSpec
 from fate_ray.workload import Segment
 
 Residency = Literal["ACTIVE", "SLEEPING", "ABSENT"]
@@ -162,6 +162,27 @@ class ActivationPlan:
     feasible: bool  # False when the memory is held by models that are busy right now
 
 
+def plan_activation(model: str, residency: Mapping[str, Residency], busy: Container[str],
+                    last_used_s: Mapping[str, float], memory_gib: float, models: Mapping[str, ModelSpec]) -> ActivationPlan:
+    """How `model` would become ACTIVE: evict idle ACTIVE models, least recently used first (pure)."""
+    state = residency.get(model, "ABSENT")
+    if state == "ACTIVE":
+        return ActivationPlan("resident", (), True)
+    kind: Activation = "wake" if state == "SLEEPING" else "load"
+    free = memory_gib - sum(models[m].footprint_gib for m, r in residency.items() if r == "ACTIVE")
+    need = models[model].footprint_gib
+    evict: list[str] = []
+    if need > free + 1e-9:
+        idle = sorted((m for m, r in residency.items() if r == "ACTIVE" and m not in busy),
+                      key=lambda m: last_used_s.get(m, 0.0))
+        for m in idle:
+            evict.append(m)
+            free += models[m].footprint_gib
+            if need <= free + 1e-9:
+                break
+    return ActivationPlan(kind, tuple(evict), need <= free + 1e-9)
+
+
 @dataclass
 class DeviceState:
     """Mutable state of one device (one owner at a time: the Controller's belief or an engine's truth)."""
@@ -192,22 +213,8 @@ class DeviceState:
 
     def plan_activation(self, model: str) -> ActivationPlan:
         """How `model` would become ACTIVE now: evict idle ACTIVE models, least recently used first."""
-        state = self.state_of(model)
-        if state == "ACTIVE":
-            return ActivationPlan("resident", (), True)
-        kind: Activation = "wake" if state == "SLEEPING" else "load"
-        free = self.memory_gib - self.used_gib()
-        need = self.cluster.models[model].footprint_gib
-        evict: list[str] = []
-        if need > free + 1e-9:
-            idle = sorted((m for m, r in self.residency.items() if r == "ACTIVE" and not self.busy.get(m)),
-                          key=lambda m: self.last_used_s.get(m, 0.0))
-            for m in idle:
-                evict.append(m)
-                free += self.cluster.models[m].footprint_gib
-                if need <= free + 1e-9:
-                    break
-        return ActivationPlan(kind, tuple(evict), need <= free + 1e-9)
+        return plan_activation(model, self.residency, self.busy, self.last_used_s, self.memory_gib,
+                               self.cluster.models)
 
     def cached_tokens(self, model: str, hashes: Sequence[int]) -> int:
         cache = self.caches.get(model)
@@ -291,6 +298,10 @@ class DeviceSnapshot:
     free_at_s: float  # estimated time its backlog drains (running + queued shards)
     running_shards: int
     queued_requests: int  # requests queued or running: the load a request router sees
+    last_used_s: Mapping[str, float] = field(default_factory=dict)  # model -> last time a shard of it ended or started
+
+    def plan_activation(self, model: str, models: Mapping[str, ModelSpec]) -> ActivationPlan:
+        return plan_activation(model, self.residency, self.busy_models, self.last_used_s, self.memory_gib, models)
 
     def state_of(self, model: str) -> Residency:
         return self.residency.get(model, "ABSENT")
@@ -319,5 +330,5 @@ def snapshot_device(state: DeviceState, concurrency: int, alive: bool, free_at_s
         device=state.device, memory_gib=state.memory_gib, concurrency=concurrency, alive=alive,
         residency=MappingProxyType(dict(state.residency)), caches=MappingProxyType(dict(state.caches)),
         busy_models=frozenset(state.busy), free_at_s=free_at_s, running_shards=running_shards,
-        queued_requests=queued_requests,
+        queued_requests=queued_requests, last_used_s=MappingProxyType(dict(state.last_used_s)),
     )

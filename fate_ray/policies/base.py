@@ -15,6 +15,7 @@ from typing import ClassVar, Literal
 
 from fate_ray.cost import CostEstimator, RequestShape
 from fate_ray.events import StageKey
+from fate_ray.progress import DagInfo
 from fate_ray.spec.cluster import ClusterSpec
 from fate_ray.state import ClusterSnapshot, DeviceSnapshot
 
@@ -33,6 +34,7 @@ class ReadyStage:
     rank_s: float
     arrival_s: float
     input_bytes_by_node: Mapping[str, int] = field(default_factory=dict)
+    dag: DagInfo | None = None  # the stage's DAG, for planners that look ahead (None in hand-built frontiers)
 
 
 @dataclass(frozen=True, slots=True)
