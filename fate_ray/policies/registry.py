@@ -8,6 +8,7 @@ _REGISTRY: dict[str, type[Policy]] = {}
 
 # The six baselines every benchmark compares against, RoundRobin first (it is the normaliser).
 BASELINES = ("round_robin", "random", "least_loaded", "heft", "model_affinity", "prefix_affinity")
+ABLATIONS = ("fate-h0", "fate-no-residency", "fate-no-locality", "fate-no-prefix", "fate-no-reach", "fate-greedy")
 
 
 def register(cls: type[Policy]) -> type[Policy]:
@@ -19,7 +20,15 @@ def register(cls: type[Policy]) -> type[Policy]:
 
 def _load_builtin() -> None:
     # Imported here so that registering happens once, without import cycles through base.
-    from fate_ray.policies import heft, least_loaded, model_affinity, prefix_affinity, random_policy, round_robin  # noqa: F401
+    from fate_ray.policies import (  # noqa: F401
+        fate,
+        heft,
+        least_loaded,
+        model_affinity,
+        prefix_affinity,
+        random_policy,
+        round_robin,
+    )
 
 
 def policy_names() -> list[str]:

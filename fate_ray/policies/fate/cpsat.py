@@ -1,0 +1,197 @@
+"""The CP-SAT model of one planning round. The formulation is written once, in policies/fate/planner.py's
+docstring; the numbered blocks below follow it. Times are integer milliseconds relative to now."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ortools.sat.python import cp_model
+
+from fate_ray.events import StageKey
+from fate_ray.policies.base import ReadyStage
+from fate_ray.policies.fate.config import FateConfig
+from fate_ray.policies.fate.greedy import Counts
+from fate_ray.policies.fate.scoring import Candidate
+from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.state import ClusterSnapshot
+
+MIB_PER_GIB = 1024
+
+
+@dataclass(frozen=True)
+class PrefixPair:
+    """Two frontier stages of one model that share `bonus_ms` of prefill if co-located."""
+
+    a: StageKey
+    b: StageKey
+    bonus_ms: int
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    counts: Counts | None  # None unless the status is OPTIMAL or FEASIBLE
+    status: str
+    wall_ms: float
+
+
+def _ms(seconds: float) -> int:
+    return max(0, int(round(seconds * 1000)))
+
+
+class RoundModel:
+    """Variables and constraints of one round (cpsat-primer style: one method per constraint block)."""
+
+    def __init__(self, frontier: Sequence[ReadyStage], candidates: Mapping[StageKey, list[Candidate]],
+                 snapshot: ClusterSnapshot, cluster: ClusterSpec, cfg: FateConfig, pairs: Sequence[PrefixPair],
+                 evict_ms: Mapping[tuple[str, str], int]):
+        self.frontier, self.cands, self.snapshot, self.cluster, self.cfg = frontier, candidates, snapshot, cluster, cfg
+        self.pairs, self.evict_ms = pairs, evict_ms
+        self.m = cp_model.CpModel()
+        self.x: dict[tuple[StageKey, str], cp_model.IntVar] = {}
+        self.r: dict[tuple[StageKey, str], cp_model.IntVar] = {}
+        self.load: dict[tuple[str, str], cp_model.IntVar] = {}
+        self.keep: dict[tuple[str, str], cp_model.IntVar] = {}
+        self.finish_d: dict[str, cp_model.IntVar] = {}
+        self.finish_s: dict[StageKey, cp_model.IntVar] = {}
+        self.objective_terms: list = []
+        self.horizon_ms = self._horizon_ms()
+        self._add_assignment()      # (1)-(3)
+        self._add_shared_loads()    # (4)
+        self._add_memory()          # (5)
+        self._add_finish_times()    # (6)-(8)
+        self._add_prefix_pairs()    # (9)
+        self._add_objective()
+
+    def _horizon_ms(self) -> int:
+        """An upper bound on any finish time this round (big-M)."""
+        worst = 0.0
+        for cands in self.cands.values():
+            for c in cands:
+                worst += c.terms.activation_s + c.terms.service_s
+        queue = max((c.terms.queue_s for cs in self.cands.values() for c in cs), default=0.0)
+        return _ms(queue + worst) + 1
+
+    def _add_assignment(self) -> None:
+        m, cfg = self.m, self.cfg
+        for s in self.frontier:
+            total = len(s.request_indices)
+            shardable = s.shardable and total >= 2 * cfg.min_shard and cfg.max_shards > 1
+            xs = []
+            for c in self.cands[s.key]:
+                key = (s.key, c.device_id)
+                x = self.x[key] = m.new_bool_var(f"x[{s.key},{c.device_id}]")
+                r = self.r[key] = m.new_int_var(0, total, f"r[{s.key},{c.device_id}]")
+                if shardable:
+                    m.add(r <= total * x)                                   # (2) no requests without x
+                    m.add(r >= min(cfg.min_shard, total) * x)               # (2) shards are not tiny
+                else:
+                    m.add(r == total * x)
+                xs.append(x)
+            m.add(sum(self.r[(s.key, c.device_id)] for c in self.cands[s.key]) == total)   # (1) all placed
+            if shardable:
+                m.add(sum(xs) <= cfg.max_shards)                                         # (3) bounded shards
+            else:
+                m.add_exactly_one(xs)
+
+    def _add_shared_loads(self) -> None:
+        for s in self.frontier:
+            for c in self.cands[s.key]:
+                if c.terms.activation_s > 0:
+                    key = (c.model, c.device_id)
+                    if key not in self.load:
+                        self.load[key] = self.m.new_bool_var(f"load[{key}]")
+                    self.m.add_implication(self.x[(s.key, c.device_id)], self.load[key])     # (4) paid once
+
+    def _add_memory(self) -> None:
+        models = self.cluster.models
+        for dev in self.snapshot.devices:
+            d = dev.device.device_id
+            loads = [(m, v) for (m, dd), v in self.load.items() if dd == d]
+            if not loads:
+                continue
+            busy = sum(models[m].footprint_gib for m in dev.busy_models if dev.state_of(m) == "ACTIVE")
+            idle = [m for m, r in dev.residency.items() if r == "ACTIVE" and m not in dev.busy_models]
+            for m in idle:
+                self.keep[(m, d)] = self.m.new_bool_var(f"keep[{m},{d}]")
+            capacity = int((dev.memory_gib - busy) * MIB_PER_GIB)
+            self.m.add(sum(int(models[m].footprint_gib * MIB_PER_GIB) * v for m, v in loads)
+                       + sum(int(models[m].footprint_gib * MIB_PER_GIB) * self.keep[(m, d)] for m in idle)
+                       <= capacity)                                                        # (5) memory fits
+
+    def _add_finish_times(self) -> None:
+        m, big = self.m, self.horizon_ms
+        per_device: dict[str, list[Candidate]] = {}
+        for s in self.frontier:
+            for c in self.cands[s.key]:
+                per_device.setdefault(c.device_id, []).append(c)
+        makespan = self.makespan = m.new_int_var(0, big, "makespan")
+        for d, cands in per_device.items():
+            conc = cands[0].concurrency
+            queue = _ms(cands[0].terms.queue_s)
+            t = self.finish_d[d] = m.new_int_var(0, big, f"T[{d}]")
+            loads = [(c.model, _ms(c.terms.activation_s)) for c in cands if (c.model, d) in self.load]
+            work = sum(_ms(c.per_request_s) * self.r[(c.stage, d)] for c in cands)
+            seen = set()
+            load_ms = []
+            for model, ms in loads:
+                if model not in seen:
+                    seen.add(model)
+                    load_ms.append(conc * ms * self.load[(model, d)])
+            m.add(conc * t >= conc * queue + sum(load_ms) + work)                           # (6) device finish
+            m.add(makespan >= t)                                                            # (7) makespan
+        for s in self.frontier:
+            f = self.finish_s[s.key] = m.new_int_var(0, big, f"F[{s.key}]")
+            for c in self.cands[s.key]:
+                m.add(f >= self.finish_d[c.device_id] - big * (1 - self.x[(s.key, c.device_id)]))   # (8)
+
+    def _add_prefix_pairs(self) -> None:
+        self.z = []
+        for p in self.pairs:
+            shared = {c.device_id for c in self.cands[p.a]} & {c.device_id for c in self.cands[p.b]}
+            for d in shared:
+                z = self.m.new_bool_var(f"z[{p.a},{p.b},{d}]")
+                self.m.add_implication(z, self.x[(p.a, d)])                                    # (9)
+                self.m.add_implication(z, self.x[(p.b, d)])
+                self.z.append((z, p.bonus_ms))
+
+    def _add_objective(self) -> None:
+        cfg = self.cfg
+        max_rank = max((s.rank_s for s in self.frontier), default=0.0) or 1.0
+        terms = [int(round(cfg.alpha * 100)) * self.makespan]
+        for s in self.frontier:
+            weight = 100 + int(round(100 * s.rank_s / max_rank))  # critical-path stages weigh up to 2x
+            terms.append(weight * self.finish_s[s.key])
+            for c in self.cands[s.key]:
+                offset_s = c.offset_s - cfg.lam * c.terms.eviction_s  # evictions are explicit (keep) here
+                terms.append(100 * int(round(offset_s * 1000)) * self.x[(s.key, c.device_id)])
+        for (m, d), keep in self.keep.items():
+            terms.append(100 * int(cfg.lam * self.evict_ms.get((m, d), 0)) * (1 - keep))
+        terms += [-100 * bonus * z for z, bonus in self.z]
+        self.m.minimize(sum(terms))
+
+    # -- solving ----------------------------------------------------------------------------------------------------
+    def hint(self, counts: Counts) -> None:
+        for (stage, d), r in self.r.items():
+            n = counts.get(stage, {}).get(d, 0)
+            self.m.add_hint(r, n)
+            self.m.add_hint(self.x[(stage, d)], 1 if n else 0)
+
+    def solve(self) -> SolveResult:
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = self.cfg.time_limit_ms / 1000
+        solver.parameters.max_deterministic_time = self.cfg.deterministic_limit
+        solver.parameters.num_workers = self.cfg.num_workers
+        started = time.perf_counter()
+        status = solver.solve(self.m)
+        wall_ms = (time.perf_counter() - started) * 1000
+        name = solver.status_name(status)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return SolveResult(None, name, wall_ms)
+        counts: Counts = {}
+        for (stage, d), r in self.r.items():
+            n = solver.value(r)
+            if n:
+                counts.setdefault(stage, {})[d] = n
+        return SolveResult(counts, name, wall_ms)

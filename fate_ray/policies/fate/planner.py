@@ -1,0 +1,182 @@
+"""FATE: future-state-aware frontier planning with CP-SAT (Huang et al., arXiv 2605.07238), as we build it.
+
+One planning round:
+    frontier F -> horizon L(s) (descendants within H hops) -> candidates (s, d) scored
+    `immediate + lam * future` term by term (scoring.py) -> top-k devices per stage -> CP-SAT (or greedy)
+    -> request counts per (stage, device) -> requests split to the devices that cache them best -> Plan.
+Devices run their queues in upward-rank order (`queue_order = "rank"`).
+
+CP-SAT formulation (cpsat.py follows these numbered blocks). Notation: F frontier stages; D(s) top-k candidates
+of s; R_s requests of s; c_d concurrency of d; q_d its current backlog (ms); m(s) the model of s;
+act[m,d] load or wake time of m on d (ms, 0 if ACTIVE); p[s,d] service per request of s on d (ms);
+o[s,d] the candidate's look-ahead and reach terms (ms, lam-weighted, evictions excluded: they are explicit);
+ev[m,d] the reload cost of idle model m on d if evicted while other pending stages need it; w_s = 1 + rank_s /
+max rank; K max shards; mu min shard.
+    variables  x[s,d] in {0,1}, r[s,d] in [0, R_s]       stage s runs r requests on d
+               load[m,d] in {0,1}                          m is activated on d this round
+               keep[m,d] in {0,1}                          idle ACTIVE model m stays on d
+               T_d, Z, F_s >= 0                            device finish, round makespan, stage finish
+    (1) sum_d r[s,d] = R_s                                 every request placed
+    (2) mu x[s,d] <= r[s,d] <= R_s x[s,d]                  (shardable) / r[s,d] = R_s x[s,d] (otherwise)
+    (3) sum_d x[s,d] <= K                                  (shardable) / sum_d x[s,d] = 1 (otherwise)
+    (4) load[m(s),d] >= x[s,d]        when act[m(s),d] > 0: a load is paid once per (model, device)
+    (5) sum_m mem_m load[m,d] + sum_m mem_m keep[m,d] <= memory_d - memory of busy models
+    (6) c_d T_d >= c_d q_d + c_d sum_m act[m,d] load[m,d] + sum_s p[s,d] r[s,d]
+    (7) Z >= T_d
+    (8) F_s >= T_d - M (1 - x[s,d])
+    (9) z[a,b,d] <= x[a,d], z[a,b,d] <= x[b,d]          for frontier pairs of one model sharing a prompt prefix
+    minimise  alpha Z + sum_s w_s F_s + sum_{s,d} o[s,d] x[s,d] + sum ev[m,d] (1 - keep[m,d]) - sum bonus z
+Warm start: hints from the greedy assignment and from the previous round's values of variables that reappear
+(stages re-planned after a failure). Limits: `time_limit_ms` wall and `deterministic_limit` (reproducible runs),
+`num_workers`. OPTIMAL or FEASIBLE -> used; anything else -> the greedy assignment, counted as FALLBACK_<status>.
+A round with one stage on one candidate, or only unsplittable single-candidate stages, skips the solver
+(TRIVIAL). Frontiers larger than `max_cpsat_stages`: CP-SAT on the highest-ranked stages, greedy for the rest
+(DECOMPOSED), so planning time stays bounded.
+
+Choices where the paper is silent: a stage's finish in the model is its device's round finish (8), pessimistic
+for stages dispatched first, which rank order makes the critical ones; evictions follow LRU in the engine, the
+model only decides whether memory allows a load; a `defer` option is not implemented (every ready stage is placed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fate_ray.events import StageKey
+from fate_ray.policies.base import Assignment, Plan, Policy, PolicyContext, ReadyStage
+from fate_ray.policies.fate.config import FateConfig
+from fate_ray.policies.fate.cpsat import PrefixPair, RoundModel
+from fate_ray.policies.fate.greedy import Counts, RoundLedger, greedy_counts, rank_order
+from fate_ray.policies.fate.scoring import Candidate, Scorer
+from fate_ray.policies.fate.validate import validate_plan
+from fate_ray.state import ClusterSnapshot
+from fate_ray.workload import TextPart
+
+MIN_PAIR_TOKENS = 64  # shorter shared prefixes are not worth a pair variable
+
+
+class FatePolicy(Policy):
+    name = "fate"
+    queue_order = "rank"
+    config = FateConfig()
+
+    def __init__(self, ctx: PolicyContext, config: FateConfig | None = None):
+        super().__init__(ctx)
+        self.cfg = config or type(self).config
+        self.scorer = Scorer(self.cfg, self.cluster, self.estimator)
+        self._previous: Counts = {}
+        self._device_type = {d.device_id: d.type for d in self.cluster.devices}
+        self.last_scores: dict[StageKey, list[Candidate]] = {}
+
+    def plan(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> Plan:
+        cands = self.scorer.score(snapshot, frontier)
+        self.last_scores = cands
+        counts, status = self._assign(snapshot, frontier, cands)
+        self._previous = counts
+        plan = Plan(self._split(snapshot, frontier, counts), status)
+        validate_plan(plan, frontier, snapshot, self.cluster, self.cfg)
+        return plan
+
+    def _assign(self, snapshot, frontier, cands) -> tuple[Counts, str]:
+        cfg = self.cfg
+        if cfg.solver == "greedy":
+            return greedy_counts(frontier, cands, cfg), "GREEDY"
+        if all(len(cands[s.key]) == 1 or (len(s.request_indices) == 1 and len(frontier) == 1) for s in frontier):
+            return greedy_counts(frontier, cands, cfg), "TRIVIAL"
+        ranked = rank_order(frontier)
+        head, tail = ranked[: cfg.max_cpsat_stages], ranked[cfg.max_cpsat_stages:]
+        greedy_head = greedy_counts(head, cands, cfg)
+        model = RoundModel(head, cands, snapshot, self.cluster, cfg, self._pairs(head, cands),
+                           self._evict_ms(snapshot, frontier))
+        model.hint({**self._previous, **greedy_head})
+        result = model.solve()
+        counts = result.counts if result.counts is not None else greedy_head
+        status = result.status if result.counts is not None else f"FALLBACK_{result.status}"
+        if tail:
+            ledger = RoundLedger()
+            by_device = {c.device_id: c for cs in cands.values() for c in cs}
+            for stage_counts in counts.values():
+                for d, n in stage_counts.items():
+                    ledger.extra_s[d] = ledger.extra_s.get(d, 0.0) + n * by_device[d].per_request_s / \
+                        by_device[d].concurrency
+            counts = {**counts, **greedy_counts(tail, cands, cfg, ledger)}
+            status = "DECOMPOSED"
+        return counts, status
+
+    def _pairs(self, frontier: Sequence[ReadyStage], cands) -> list[PrefixPair]:
+        if not self.cfg.prefix:
+            return []
+        leads: dict[tuple[str, int], list[ReadyStage]] = {}
+        for s in frontier:
+            first = s.dag.stages[s.key[1]].prompts[0][0] if s.dag and s.dag.stages[s.key[1]].prompts[0] else None
+            if isinstance(first, TextPart) and first.tokens >= MIN_PAIR_TOKENS:
+                leads.setdefault((s.model, first.key), []).append(s)
+        pairs = []
+        for (model, _), group in leads.items():
+            for a, b in zip(group, group[1:]):
+                tokens = a.dag.stages[a.key[1]].prompts[0][0].tokens
+                rate = min(self.estimator.profile(model, self._device_type[c.device_id]).prefill_tok_s
+                           for c in cands[a.key])
+                saved_ms = int(1000 * tokens * min(len(a.request_indices), len(b.request_indices)) / rate)
+                pairs.append(PrefixPair(a.key, b.key, saved_ms))
+        return pairs
+
+    def _evict_ms(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> dict[tuple[str, str], int]:
+        """Reload cost of each idle ACTIVE model if evicted, when a frontier stage needs it and no other device
+        has it ACTIVE."""
+        if not self.cfg.residency:
+            return {}
+        needed = {s.model for s in frontier}
+        out = {}
+        for dev in snapshot.devices:
+            for m, r in dev.residency.items():
+                if r != "ACTIVE" or m not in needed:
+                    continue
+                if any(e is not dev and e.alive and e.state_of(m) == "ACTIVE" for e in snapshot.devices):
+                    continue
+                out[(m, dev.device.device_id)] = int(1000 * self.estimator.profile(m, dev.device.type).load_s)
+        return out
+
+    # -- which requests go where ------------------------------------------------------------------------------------
+    def _split(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage], counts: Counts) -> tuple:
+        """Give each device its count of the stage's requests, the ones it caches best first."""
+        by_id = {d.device.device_id: d for d in snapshot.devices}
+        block = self.cluster.block_tokens
+        out: list[Assignment] = []
+        for s in frontier:
+            stage_counts = counts[s.key]
+            if len(stage_counts) == 1:
+                (d, _), = stage_counts.items()
+                out.append(Assignment(s.key, d, s.request_indices))
+                continue
+            left = dict(stage_counts)
+            hits = {(i, d): by_id[d].cached_tokens(s.model, req.block_hashes, block)
+                    for i, req in zip(s.request_indices, s.requests) for d in stage_counts}
+            # Requests with the strongest preference choose first.
+            def preference(item):
+                i, _ = item
+                values = sorted((hits[(i, d)] for d in stage_counts), reverse=True)
+                return -(values[0] - values[1]) if len(values) > 1 else 0
+            chosen: dict[str, list[int]] = {d: [] for d in stage_counts}
+            for i, _ in sorted(zip(s.request_indices, s.requests), key=preference):
+                d = max((d for d in stage_counts if left[d] > 0), key=lambda d: (hits[(i, d)], left[d]))
+                chosen[d].append(i)
+                left[d] -= 1
+            out += [Assignment(s.key, d, tuple(sorted(idx))) for d, idx in chosen.items() if idx]
+        return tuple(out)
+
+
+def make_policy_variant(name: str, **settings) -> type[FatePolicy]:
+    """A registered FATE variant: the ablations are the same planner with one setting changed."""
+    return type(f"Fate_{name.replace('-', '_')}", (FatePolicy,), {"name": name, "config": FateConfig(**settings)})
+
+
+VARIANTS = {
+    "fate-h0": {"horizon_hops": 0},
+    "fate-no-residency": {"residency": False},
+    "fate-no-locality": {"locality": False},
+    "fate-no-prefix": {"prefix": False},
+    "fate-no-reach": {"reach": False},
+    "fate-greedy": {"solver": "greedy"},
+}
+

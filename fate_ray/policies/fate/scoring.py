@@ -1,0 +1,240 @@
+"""Horizon-aware, state-conditional candidate scoring: `score(s, d) = immediate(s, d) + lam * future(s, d)`.
+
+immediate = queue wait on d + activation of m(s) on d (0 / wake / load) + service (transfer + prefill with d's
+            prefix hits + batched decode), i.e. the estimated finish time of s on d, relative to now.
+future    = sum over horizon stages c of s (descendants within H hops, weight 1/hops) of
+            [c's best estimated cost after placing s on d] - [c's best estimated cost without it],
+            where placing s on d changes only d: d is busy for s's work; m(s) is ACTIVE there (and the models it
+            evicts are not: their reload shows up); s's prompt + output blocks are in d's cache for m(s), so a
+            child that continues s (locality) or shares s's leading prompt text (prefix) gets prefill hits on d.
+            The best cost of c is min over devices of (wait once c is ready + activation + service).
+            Plus the eviction term: reloading models that other frontier or horizon stages need, evicted by s.
+reach     = a penalty for occupying d when d is one of the few devices that fit a model other pending stages
+            need: occupancy of d by s x sum over such models of 1 / (devices that fit it).
+Each state dimension is a separate term (`Terms`), so the ablations switch one off by a setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from fate_ray.cost import CostEstimator, RequestShape
+from fate_ray.events import StageKey
+from fate_ray.policies.base import ReadyStage
+from fate_ray.policies.fate.config import FateConfig
+from fate_ray.progress import DagInfo
+from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.state import ClusterSnapshot, DeviceSnapshot
+from fate_ray.workload import ContextPart, TextPart
+
+
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """One candidate's score, term by term, in seconds (negative = a saving)."""
+
+    queue_s: float
+    activation_s: float
+    service_s: float
+    eviction_s: float
+    future_locality_s: float
+    future_prefix_s: float
+    future_residency_s: float
+    reach_s: float
+
+    @property
+    def immediate_s(self) -> float:
+        return self.queue_s + self.activation_s + self.service_s
+
+    @property
+    def future_s(self) -> float:
+        return self.eviction_s + self.future_locality_s + self.future_prefix_s + self.future_residency_s
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    stage: StageKey
+    device_id: str
+    model: str
+    concurrency: int
+    terms: Terms
+    score_s: float  # immediate + lam * future + reach
+    num_requests: int
+
+    @property
+    def offset_s(self) -> float:
+        """What the score adds to the finish time: the look-ahead and reach terms, paid once per device used."""
+        return self.score_s - self.terms.immediate_s
+
+    @property
+    def per_request_s(self) -> float:
+        return self.terms.service_s / self.num_requests
+
+
+@dataclass(frozen=True, slots=True)
+class _Horizon:
+    stage_id: str
+    weight: float
+    model: str
+    num_requests: int
+    context_tokens: int  # tokens of s's context it continues (0 if it does not continue s)
+    shared_tokens: int  # leading prompt tokens it shares with s
+
+
+class Scorer:
+    def __init__(self, config: FateConfig, cluster: ClusterSpec, estimator: CostEstimator):
+        self.cfg = config
+        self.cluster = cluster
+        self.estimator = estimator
+        self._service_memo: dict[tuple, float] = {}
+
+    def score(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> dict[StageKey, list[Candidate]]:
+        """Top-k candidates per stage, best first."""
+        live = [d for d in snapshot.devices if d.alive]
+        horizons = {s.key: self._horizon(s) for s in frontier}
+        needed = {s.model for s in frontier} | {h.model for hs in horizons.values() for h in hs}
+        fit_count = {m: sum(self.cluster.fits(m, d.device.type) for d in live) for m in needed}
+        out: dict[StageKey, list[Candidate]] = {}
+        for s in frontier:
+            cands = [self._candidate(s, d, snapshot, live, horizons[s.key], needed, fit_count)
+                     for d in live if self.cluster.fits(s.model, d.device.type)]
+            cands.sort(key=lambda c: (c.score_s, c.device_id))
+            out[s.key] = cands[: self.cfg.top_k]
+        return out
+
+    # -- one candidate ----------------------------------------------------------------------------------------------
+    def _candidate(self, s: ReadyStage, d: DeviceSnapshot, snapshot: ClusterSnapshot, live, horizon,
+                   needed: set[str], fit_count: Mapping[str, int]) -> Candidate:
+        cfg, now = self.cfg, snapshot.now_s
+        dtype = d.device.type
+        queue_s = max(0.0, d.free_at_s - now)
+        cost = self.estimator.shard_cost(
+            s.model, dtype, s.requests, d if cfg.prefix else None, node=d.device.node,
+            input_bytes_by_node=s.input_bytes_by_node if cfg.locality else None)
+        service_s = cost.transfer_s + cost.prefill_s + cost.decode_s
+        activation_s = self._activation_s(s.model, d) if cfg.residency else 0.0
+        eviction_s = 0.0
+        if cfg.residency and cfg.horizon_hops > 0:
+            plan = d.plan_activation(s.model, self.cluster.models)
+            for m in plan.evict:
+                if m in needed and not any(e.state_of(m) == "ACTIVE" for e in live if e is not d):
+                    eviction_s += self._activation_s(m, d, assume="ABSENT")
+        occupy_s = (activation_s + service_s) / d.concurrency
+        loc = pre = res = 0.0
+        if cfg.horizon_hops > 0:
+            finish_s = queue_s + activation_s + service_s
+            for h in horizon:
+                dl, dp, dr = self._future(s, d, h, live, now, finish_s, occupy_s)
+                loc += h.weight * dl
+                pre += h.weight * dp
+                res += h.weight * dr
+        reach_s = 0.0
+        if cfg.reach and cfg.horizon_hops > 0:
+            n_live = len(live)
+            scarcity = sum(1.0 / fit_count[m] for m in needed
+                           if m != s.model and fit_count.get(m, 0) and fit_count[m] < n_live
+                           and self.cluster.fits(m, dtype))
+            reach_s = cfg.reach_weight * occupy_s * scarcity
+        terms = Terms(queue_s, activation_s, service_s, eviction_s, loc, pre, res, reach_s)
+        score = terms.immediate_s + cfg.lam * terms.future_s + reach_s
+        return Candidate(s.key, d.device.device_id, s.model, d.concurrency, terms, score, len(s.requests))
+
+    def _activation_s(self, model: str, d: DeviceSnapshot, assume: str | None = None) -> float:
+        state = assume or d.state_of(model)
+        if state == "ACTIVE":
+            return 0.0
+        prof = self.estimator.profile(model, d.device.type)
+        factor = self.estimator.calibration.factor(model, d.device.type, "activation")
+        return (prof.wake_s if state == "SLEEPING" else prof.load_s) * factor
+
+    # -- look-ahead -------------------------------------------------------------------------------------------------
+    def _horizon(self, s: ReadyStage) -> list[_Horizon]:
+        dag: DagInfo | None = s.dag
+        if dag is None or self.cfg.horizon_hops == 0:
+            return []
+        sid = s.key[1]
+        me = dag.stages[sid]
+        lead = me.prompts[0][0] if me.prompts and me.prompts[0] else None
+        out: list[_Horizon] = []
+        seen = {sid}
+        layer = [sid]
+        for hops in range(1, self.cfg.horizon_hops + 1):
+            nxt = []
+            for u in layer:
+                for c in dag.children[u]:
+                    if c not in seen:
+                        seen.add(c)
+                        nxt.append(c)
+            for c in nxt:
+                st = dag.stages[c]
+                first = st.prompts[0][0] if st.prompts and st.prompts[0] else None
+                context = 0
+                if isinstance(first, ContextPart) and first.parent == sid:
+                    context = dag.prompt_tokens[sid][first.item] + me.expected_output_tokens
+                shared = 0
+                if isinstance(lead, TextPart) and isinstance(first, TextPart) and first.key == lead.key:
+                    shared = lead.tokens
+                out.append(_Horizon(c, 1.0 / hops, st.model, st.num_requests, context, shared))
+            layer = nxt
+        out.sort(key=lambda h: -dag.ranks_s[h.stage_id])
+        return out[: self.cfg.horizon_max_stages]
+
+    def _child_service_s(self, dag: DagInfo, h: _Horizon, device_type: str) -> float:
+        key = (id(dag), h.stage_id, device_type)
+        value = self._service_memo.get(key)
+        if value is None:
+            st = dag.stages[h.stage_id]
+            reqs = [RequestShape(t, (), st.expected_output_tokens) for t in dag.prompt_tokens[h.stage_id]]
+            cost = self.estimator.shard_cost(st.model, device_type, reqs, None)
+            value = self._service_memo[key] = cost.prefill_s + cost.decode_s
+        return value
+
+    def _future(self, s: ReadyStage, d: DeviceSnapshot, h: _Horizon, live, now_s: float, ready_s: float,
+                occupy_s: float) -> tuple[float, float, float]:
+        """(locality, prefix, residency) parts of [best cost of h after s on d] - [best cost of h now]."""
+        dag = s.dag
+        before_d = None
+        best_other = float("inf")
+        for e in live:
+            if not self.cluster.fits(h.model, e.device.type):
+                continue
+            wait = max(0.0, e.free_at_s - now_s - ready_s)
+            cost = wait + self._activation_s(h.model, e) + self._child_service_s(dag, h, e.device.type)
+            if e is d:
+                before_d = cost
+            else:
+                best_other = min(best_other, cost)
+        if before_d is None:
+            return 0.0, 0.0, 0.0  # h cannot run on d: placing s there changes nothing for h
+        best_before = min(before_d, best_other)
+        prof = self.estimator.profile(h.model, d.device.type)
+        hit_rate = prof.prefill_tok_s / self.estimator.calibration.factor(h.model, d.device.type, "prefill")
+        same_model = h.model == s.model
+        # The three state changes on d, each credited to its own dimension.
+        loc_gain = h.num_requests * h.context_tokens / hit_rate if same_model and self.cfg.locality else 0.0
+        already = d.cached_tokens(h.model, s.requests[0].block_hashes, self.cluster.block_tokens)
+        shared = max(0, h.shared_tokens - already) if same_model and self.cfg.prefix else 0
+        pre_gain = h.num_requests * shared / hit_rate
+        act_now = self._activation_s(h.model, d)
+        act_after = act_now
+        if self.cfg.residency:
+            if same_model:
+                act_after = 0.0
+            elif h.model in d.plan_activation(s.model, self.cluster.models).evict:
+                act_after = self._activation_s(h.model, d, assume="ABSENT")
+        busy_s = max(0.0, d.free_at_s - now_s + occupy_s - ready_s) - max(0.0, d.free_at_s - now_s - ready_s)
+        after_d = before_d + busy_s + (act_after - act_now) - loc_gain - pre_gain
+        total = min(after_d, best_other) - best_before
+        if total == 0.0:
+            return 0.0, 0.0, 0.0
+        # Credit the change to the dimensions that pushed in its direction, in proportion to their raw effects.
+        return _attribute(total, (-loc_gain, -pre_gain, act_after - act_now + busy_s))
+
+
+def _attribute(total: float, parts: tuple[float, float, float]) -> tuple[float, float, float]:
+    """Split `total` over the parts that push in its direction, in proportion to their size."""
+    same_sign = [p if (p < 0) == (total < 0) else 0.0 for p in parts]
+    scale = sum(same_sign)
+    if scale == 0.0:
+        return (0.0, 0.0, total)
+    return tuple(total * p / scale for p in same_sign)  # type: ignore[return-value]
