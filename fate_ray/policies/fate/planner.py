@@ -139,31 +139,36 @@ class FatePolicy(Policy):
 
     # -- which requests go where ------------------------------------------------------------------------------------
     def _split(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage], counts: Counts) -> tuple:
-        """Give each device its count of the stage's requests, the ones it caches best first."""
         by_id = {d.device.device_id: d for d in snapshot.devices}
-        block = self.cluster.block_tokens
         out: list[Assignment] = []
         for s in frontier:
-            stage_counts = counts[s.key]
-            if len(stage_counts) == 1:
-                (d, _), = stage_counts.items()
-                out.append(Assignment(s.key, d, s.request_indices))
-                continue
-            left = dict(stage_counts)
-            hits = {(i, d): by_id[d].cached_tokens(s.model, req.block_hashes, block)
-                    for i, req in zip(s.request_indices, s.requests) for d in stage_counts}
-            # Requests with the strongest preference choose first.
-            def preference(item):
-                i, _ = item
-                values = sorted((hits[(i, d)] for d in stage_counts), reverse=True)
-                return -(values[0] - values[1]) if len(values) > 1 else 0
-            chosen: dict[str, list[int]] = {d: [] for d in stage_counts}
-            for i, _ in sorted(zip(s.request_indices, s.requests), key=preference):
-                d = max((d for d in stage_counts if left[d] > 0), key=lambda d: (hits[(i, d)], left[d]))
-                chosen[d].append(i)
-                left[d] -= 1
-            out += [Assignment(s.key, d, tuple(sorted(idx))) for d, idx in chosen.items() if idx]
+            for d, idx in split_requests(s, counts[s.key], by_id, self.cluster.block_tokens).items():
+                out.append(Assignment(s.key, d, idx))
         return tuple(out)
+
+
+def split_requests(stage: ReadyStage, counts: dict[str, int], devices: dict, block_tokens: int) -> dict:
+    """Give each device its count of the stage's requests, the ones it caches best first.
+
+    Requests with the strongest preference (largest gap between their best and second-best device's cached
+    tokens) choose first, so a child continuing a map's item i follows item i's context.
+    """
+    if len(counts) == 1:
+        return {next(iter(counts)): stage.request_indices}
+    hits = {i: {d: devices[d].cached_tokens(stage.model, req.block_hashes, block_tokens) for d in counts}
+            for i, req in zip(stage.request_indices, stage.requests)}
+
+    def preference(i: int) -> int:
+        values = sorted(hits[i].values(), reverse=True)
+        return values[1] - values[0]
+
+    left = dict(counts)
+    chosen: dict[str, list[int]] = {d: [] for d in counts}
+    for i in sorted(stage.request_indices, key=preference):
+        d = max((d for d in counts if left[d] > 0), key=lambda d: (hits[i][d], left[d]))
+        chosen[d].append(i)
+        left[d] -= 1
+    return {d: tuple(sorted(idx)) for d, idx in chosen.items() if idx}
 
 
 def make_policy_variant(name: str, **settings) -> type[FatePolicy]:
