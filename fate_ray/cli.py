@@ -83,13 +83,19 @@ def cmd_bench(args) -> int:
     from fate_ray.policies.registry import policy_names
 
     cluster = _cluster(args.cluster)
-    policies = args.policies.split(",") if args.policies else list(BASELINES)
+    policies = args.policies.split(",") if args.policies else ["fate", *BASELINES]
     unknown = [p for p in policies if p not in policy_names()]
     if unknown:
         raise ValueError(f"unknown policy {unknown[0]!r}; known: {', '.join(policy_names())}")
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
     out = Path(args.out or f"results/{args.suite}")
+    if args.suite == "planner-scale":
+        from fate_ray.bench.planner_scale import run_planner_scale
+
+        chosen = args.policies.split(",") if args.policies else ["fate", "fate-greedy", "heft"]
+        run_planner_scale(cluster, chosen, out, console=make_console())
+        return 0
     run_suite(args.suite, cluster, policies, args.seeds, out, args.dags or (), args.trace, args.jobs,
               console=make_console())
     return 0
@@ -102,7 +108,7 @@ def cmd_demo(args) -> int:
     console = make_console()
     console.print("[bold]fate-ray demo[/]: the shipped example workflows on the default cluster "
                   f"({default_cluster_path().name}), every policy, simulated")
-    run_suite("smoke", _cluster(None), list(BASELINES), args.seeds, Path(args.out), console=console)
+    run_suite("smoke", _cluster(None), ["fate", *BASELINES], args.seeds, Path(args.out), console=console)
     return 0
 
 
@@ -127,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("bench", help="compare policies on a benchmark suite")
-    p.add_argument("--suite", choices=["smoke", "real-dag", "prefix-reuse"], required=True)
+    p.add_argument("--suite", choices=["smoke", "real-dag", "prefix-reuse", "planner-scale"], required=True)
     p.add_argument("--dags", nargs="+", help="files or folders (WfFormat *.json, Alibaba *.csv, Parrot *.jsonl)")
     p.add_argument("--cluster")
     p.add_argument("--policies", help="comma-separated (default: the six baselines)")

@@ -292,6 +292,9 @@ class Controller:
         if self.policy.queue_order == "rank":
             for dev in self.devices.values():
                 dev.queue.sort(key=lambda item: (-item[0].rank_s, item[0].arrival_s))
+        elif self.policy.queue_order == "arrival":
+            for dev in self.devices.values():
+                dev.queue.sort(key=lambda item: (item[0].arrival_s, -item[0].rank_s))
 
     def _make_shard(self, run: WorkflowRun, stage_id: str, indices: tuple[int, ...]) -> Shard:
         self._shard_seq += 1

@@ -19,7 +19,7 @@ from fate_ray.progress import DagInfo
 from fate_ray.spec.cluster import ClusterSpec
 from fate_ray.state import ClusterSnapshot, DeviceSnapshot
 
-QueueOrder = Literal["fifo", "rank"]
+QueueOrder = Literal["fifo", "rank", "arrival"]  # arrival: oldest workflow first, then rank
 
 
 @dataclass(frozen=True, slots=True)

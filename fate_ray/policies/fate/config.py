@@ -24,8 +24,8 @@ class FateConfig(BaseModel):
     reach: bool = Field(True, description="Penalise taking scarce devices that pending models need.")
     solver: Literal["cpsat", "greedy"] = Field("cpsat", description="Assignment: CP-SAT, or greedy on the scores.")
     time_limit_ms: float = Field(100.0, gt=0, description="CP-SAT wall-clock limit per round.")
-    deterministic_limit: float = Field(0.05, gt=0, description="CP-SAT deterministic-time limit per round, so that "
+    deterministic_limit: float = Field(0.005, gt=0, description="CP-SAT deterministic-time limit per round, so that "
                                        "simulations are reproducible (wall time would depend on the machine).")
     num_workers: int = Field(1, ge=1, description="CP-SAT search workers.")
-    max_cpsat_stages: int = Field(48, ge=1, description="Larger frontiers: CP-SAT on the highest-ranked stages, "
+    max_cpsat_stages: int = Field(16, ge=1, description="Larger frontiers: CP-SAT on the highest-ranked stages, "
                                   "greedy for the rest (graceful degradation instead of a stall).")

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fate_ray.cost import CostEstimator, RequestShape
+from fate_ray.cost import CostEstimator, RequestShape, cached_tokens_in_batch
 from fate_ray.events import StageKey
 from fate_ray.policies.base import ReadyStage
 from fate_ray.policies.fate.config import FateConfig
@@ -90,17 +90,34 @@ class Scorer:
 
     def score(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> dict[StageKey, list[Candidate]]:
         """Top-k candidates per stage, best first."""
+        self._stage_memo: dict[tuple, tuple[float, float, float, float]] = {}
         live = [d for d in snapshot.devices if d.alive]
         horizons = {s.key: self._horizon(s) for s in frontier}
         needed = {s.model for s in frontier} | {h.model for hs in horizons.values() for h in hs}
         fit_count = {m: sum(self.cluster.fits(m, d.device.type) for d in live) for m in needed}
         out: dict[StageKey, list[Candidate]] = {}
         for s in frontier:
-            cands = [self._candidate(s, d, snapshot, live, horizons[s.key], needed, fit_count)
-                     for d in live if self.cluster.fits(s.model, d.device.type)]
+            devices = self._prefilter(s, [d for d in live if self.cluster.fits(s.model, d.device.type)], snapshot)
+            cands = [self._candidate(s, d, snapshot, live, horizons[s.key], needed, fit_count) for d in devices]
             cands.sort(key=lambda c: (c.score_s, c.device_id))
             out[s.key] = cands[: self.cfg.top_k]
         return out
+
+    def _prefilter(self, s: ReadyStage, devices: list[DeviceSnapshot], snapshot: ClusterSnapshot):
+        """On large clusters, fully score only the devices a cheap bound (queue + activation + stateless service)
+        ranks best, plus those holding the model (only they can have prefix hits)."""
+        keep = 3 * self.cfg.top_k
+        if len(devices) <= keep:
+            return devices
+        now = snapshot.now_s
+
+        def bound(d: DeviceSnapshot) -> float:
+            return max(0.0, d.free_at_s - now) + self._activation_s(s.model, d) + self._base(s, d.device.type)[0]
+
+        ranked = sorted(devices, key=bound)
+        resident = [d for d in ranked if d.state_of(s.model) == "ACTIVE"][: self.cfg.top_k]
+        chosen = {id(d) for d in ranked[: 2 * self.cfg.top_k]} | {id(d) for d in resident}
+        return [d for d in devices if id(d) in chosen]
 
     # -- one candidate ----------------------------------------------------------------------------------------------
     def _candidate(self, s: ReadyStage, d: DeviceSnapshot, snapshot: ClusterSnapshot, live, horizon,
@@ -108,10 +125,7 @@ class Scorer:
         cfg, now = self.cfg, snapshot.now_s
         dtype = d.device.type
         queue_s = max(0.0, d.free_at_s - now)
-        cost = self.estimator.shard_cost(
-            s.model, dtype, s.requests, d if cfg.prefix else None, node=d.device.node,
-            input_bytes_by_node=s.input_bytes_by_node if cfg.locality else None)
-        service_s = cost.transfer_s + cost.prefill_s + cost.decode_s
+        service_s = self._service_s(s, d)
         activation_s = self._activation_s(s.model, d) if cfg.residency else 0.0
         eviction_s = 0.0
         if cfg.residency and cfg.horizon_hops > 0:
@@ -138,6 +152,28 @@ class Scorer:
         terms = Terms(queue_s, activation_s, service_s, eviction_s, loc, pre, res, reach_s)
         score = terms.immediate_s + cfg.lam * terms.future_s + reach_s
         return Candidate(s.key, d.device.device_id, s.model, d.concurrency, terms, score, len(s.requests))
+
+    def _service_s(self, s: ReadyStage, d: DeviceSnapshot) -> float:
+        """Transfer + prefill (less d's prefix hits) + decode of the whole stage as one batch on d."""
+        _, decode_s, prefill_s, per_token_s = self._base(s, d.device.type)
+        if self.cfg.prefix and d.state_of(s.model) == "ACTIVE" and s.model in d.caches:
+            prefill_s -= per_token_s * cached_tokens_in_batch(d.caches[s.model], s.requests, self.cluster.block_tokens)
+        transfer_s = 0.0
+        if self.cfg.locality and s.input_bytes_by_node:
+            node = d.device.node
+            transfer_s = sum(b / (self.cluster.link_gbps(n, node) * 1e9)
+                             for n, b in s.input_bytes_by_node.items() if n != node)
+        return transfer_s + max(0.0, prefill_s) + decode_s
+
+    def _base(self, s: ReadyStage, device_type: str) -> tuple[float, float, float, float]:
+        """Stateless (service, decode, prefill, prefill per token) of the stage on a device type, memoised."""
+        key = (s.key, device_type)
+        base = self._stage_memo.get(key)
+        if base is None:
+            cost = self.estimator.shard_cost(s.model, device_type, s.requests, None)
+            base = self._stage_memo[key] = (cost.prefill_s + cost.decode_s, cost.decode_s, cost.prefill_s,
+                                            cost.prefill_s / max(1, cost.prompt_tokens))
+        return base
 
     def _activation_s(self, model: str, d: DeviceSnapshot, assume: str | None = None) -> float:
         state = assume or d.state_of(model)
