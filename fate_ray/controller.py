@@ -21,6 +21,7 @@ from fate_ray.events import (
     Command,
     Dispatch,
     Event,
+    LoadModel,
     Shard,
     ShardFailed,
     ShardFinished,
@@ -58,6 +59,7 @@ class ControllerStats:
     shards_dispatched: int = 0
     duplicate_finishes: int = 0
     retries: int = 0
+    prefetches: int = 0
     solver_status: dict[str, int] = field(default_factory=dict)
 
 
@@ -263,6 +265,21 @@ class Controller:
         if plan.solver_status:
             self.stats.solver_status[plan.solver_status] = self.stats.solver_status.get(plan.solver_status, 0) + 1
         self._enqueue(plan, {f.key: f for f in frontier}, snapshot)
+        return out + self._prefetch(plan.prefetch)
+
+    def _prefetch(self, requests: tuple[tuple[str, str], ...]) -> list[Command]:
+        """Start the loads a planner asked for, where the device is alive, fits the model and has the memory."""
+        out: list[Command] = []
+        for model, device_id in requests:
+            dev = self.devices.get(device_id)
+            if dev is None or not dev.alive or not self.cluster.fits(model, dev.state.device.type):
+                continue
+            act = dev.state.plan_activation(model)
+            if act.kind == "resident" or not act.feasible:
+                continue
+            dev.state.activate(model, self.now_s, act.evict)
+            self.stats.prefetches += 1
+            out.append(LoadModel(device_id, model, act.evict, act.kind, self.now_s))
         return out
 
     def _enqueue(self, plan: Plan, frontier: dict, snapshot: ClusterSnapshot) -> None:

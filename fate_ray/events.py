@@ -98,6 +98,17 @@ class Dispatch:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadModel:
+    """Make `model` ACTIVE on `device_id` ahead of the shards that will need it (a planner's prefetch)."""
+
+    device_id: str
+    model: str
+    evict: tuple[str, ...]
+    activation: Activation
+    now_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class WorkflowDone:
     workflow_id: str
     now_s: float
@@ -105,4 +116,4 @@ class WorkflowDone:
     error: str = ""
 
 
-Command = Dispatch | WorkflowDone
+Command = Dispatch | LoadModel | WorkflowDone

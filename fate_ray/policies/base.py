@@ -48,6 +48,7 @@ class Assignment:
 class Plan:
     assignments: tuple[Assignment, ...]
     solver_status: str = ""  # for planners with a solver: OPTIMAL, FEASIBLE, FALLBACK, ...
+    prefetch: tuple[tuple[str, str], ...] = ()  # (model, device id): load ahead of the stages that will need it
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@ _REGISTRY: dict[str, type[Policy]] = {}
 
 # The six baselines every benchmark compares against, RoundRobin first (it is the normaliser).
 BASELINES = ("round_robin", "random", "least_loaded", "heft", "model_affinity", "prefix_affinity")
-ABLATIONS = ("fate-h0", "fate-no-residency", "fate-no-locality", "fate-no-prefix", "fate-no-reach", "fate-greedy")
+ABLATIONS = ("fate-h0", "fate-no-residency", "fate-no-locality", "fate-no-prefix", "fate-no-reach", "fate-greedy",
+             "fate-no-prefetch")
 
 
 def register(cls: type[Policy]) -> type[Policy]:

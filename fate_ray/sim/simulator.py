@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from fate_ray.controller import Controller
 from fate_ray.cost import Calibration, CostEstimator
-from fate_ray.events import Dispatch, ShardFinished, WorkerLost, WorkflowDone, WorkflowSubmitted
+from fate_ray.events import Dispatch, LoadModel, ShardFinished, WorkerLost, WorkflowDone, WorkflowSubmitted
 from fate_ray.policies import Policy, PolicyContext, make_policy
 from fate_ray.sim.truth import NoiseModel, ShardOutcome, TruePerformance
 from fate_ray.spec.cluster import ClusterSpec
@@ -150,6 +150,10 @@ def simulate(cluster: ClusterSpec, workflows: Sequence[Workflow], policy: str, c
                 finished = ShardFinished(cmd.shard.shard_id, cmd.device_id, outcome.end_s, outcome.output_tokens,
                                          phase_s=phases, cached_tokens=outcome.cached_tokens)
                 heapq.heappush(heap, (outcome.end_s, next(seq), finished))
+            elif isinstance(cmd, LoadModel):
+                kind = truth.load(cmd, now_s)
+                result.loads += kind == "load"
+                result.wakes += kind == "wake"
             elif isinstance(cmd, WorkflowDone):
                 if cmd.ok:
                     result.completions_s[cmd.workflow_id] = cmd.now_s

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 
 from fate_ray.cost import CostEstimator, RequestShape
-from fate_ray.events import Dispatch, Shard
+from fate_ray.events import Dispatch, LoadModel, Shard
 from fate_ray.spec.cluster import ClusterSpec, Device
 from fate_ray.state import Activation, DeviceState, block_hashes
 from fate_ray.workload import Segment, output_key, stable_key
@@ -104,6 +104,16 @@ class TruePerformance:
         end_s = now_s + activation_s + cost.transfer_s + prefill_s + decode_s
         return ShardOutcome(now_s, end_s, kind, activation_s, prefill_s, decode_s, cost.prompt_tokens,
                             cost.cached_tokens, outs)
+
+    def load(self, cmd: LoadModel, now_s: float) -> Activation:
+        """A prefetch: the model becomes ACTIVE now and usable once its load or wake completes."""
+        dev = self.devices[cmd.device_id]
+        kind = dev.state.activate(cmd.model, now_s, cmd.evict)
+        if kind != "resident":
+            prof = self.estimator.profile(cmd.model, dev.state.device.type)
+            seconds = prof.wake_s if kind == "wake" else prof.load_s
+            dev.ready_at_s[cmd.model] = now_s + seconds * self.noise.factor("prefetch", cmd.model, cmd.device_id, now_s)
+        return kind
 
     def finish(self, device_id: str, shard: Shard, outcome: ShardOutcome) -> None:
         dev = self.devices[device_id]

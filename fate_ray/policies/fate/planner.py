@@ -76,7 +76,8 @@ class FatePolicy(Policy):
         self.last_scores = cands
         counts, status = self._assign(snapshot, frontier, cands)
         self._previous = counts
-        plan = Plan(self._split(snapshot, frontier, counts), status)
+        prefetch = self._prefetch(snapshot, frontier, counts) if self.cfg.prefetch else ()
+        plan = Plan(self._split(snapshot, frontier, counts), status, prefetch)
         validate_plan(plan, frontier, snapshot, self.cluster, self.cfg)
         return plan
 
@@ -105,6 +106,35 @@ class FatePolicy(Policy):
             counts = {**counts, **greedy_counts(tail, cands, cfg, ledger)}
             status = "DECOMPOSED"
         return counts, status
+
+    def _prefetch(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage], counts: Counts) -> tuple:
+        """Loads to start now for the children of frontier stages whose model no live device has ACTIVE: on an idle
+        device that fits it (no backlog, nothing placed this round), where the load evicts nothing a frontier or
+        horizon stage needs; a device holding the model asleep first, then the fastest."""
+        models = self.cluster.models
+        busy = {d for stage_counts in counts.values() for d in stage_counts}
+        idle = [d for d in snapshot.devices if d.alive and d.running_shards == 0 and d.free_at_s <= snapshot.now_s
+                and d.device.device_id not in busy]
+        children = []
+        for s in rank_order(frontier):
+            if s.dag is not None:
+                children += [s.dag.stages[c].model for c in s.dag.children[s.key[1]]]
+        needed = {s.model for s in frontier} | set(children)
+        out: list[tuple[str, str]] = []
+        for model in dict.fromkeys(children):
+            fitting = [d for d in snapshot.devices if d.alive and self.cluster.fits(model, d.device.type)]
+            if any(d.state_of(model) == "ACTIVE" for d in fitting):
+                continue
+            options = [d for d in idle if d in fitting and not set(d.plan_activation(model, models).evict) & needed
+                       and d.plan_activation(model, models).feasible]
+            if not options:
+                continue
+            best = min(options, key=lambda d: (d.state_of(model) != "SLEEPING",
+                                               -self.estimator.profile(model, d.device.type).prefill_tok_s,
+                                               d.device.index))
+            out.append((model, best.device.device_id))
+            idle.remove(best)
+        return tuple(out)
 
     def _pairs(self, frontier: Sequence[ReadyStage], cands) -> list[PrefixPair]:
         if not self.cfg.prefix:
@@ -186,5 +216,6 @@ VARIANTS = {
     "fate-no-prefix": {"prefix": False},
     "fate-no-reach": {"reach": False},
     "fate-greedy": {"solver": "greedy"},
+    "fate-no-prefetch": {"prefetch": False},
 }
 
