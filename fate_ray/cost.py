@@ -14,8 +14,8 @@ planner's error comes from unknown output lengths, noise and contention, not fro
 Requests of one shard run as one batch; blocks computed by an earlier request of the batch serve later ones, as
 vLLM's prefix cache does within a batch.
 
-Online calibration (`Calibration`) keeps, per (model, device type, phase), an EWMA of measured/estimated and scales
-later estimates by it; `median_abs_log_error()` reports how far estimates were from what was measured.
+Online calibration (`Calibration`) tracks, per (model, device type, phase), the median of measured/estimated (in log
+space, bounded steps) and scales later estimates by it; `median_abs_log_error()` reports how far estimates were from what was measured.
 """
 
 from __future__ import annotations
@@ -94,11 +94,12 @@ def cached_tokens_in_batch(cache: PrefixCache | None, requests: Sequence[Request
 class Calibration:
     """Per (model, device type, phase) EWMA of measured / estimated; 1.0 until something was measured."""
 
-    def __init__(self, alpha: float = 0.2, enabled: bool = True):
-        self.alpha = alpha
+    def __init__(self, step: float = 0.05, enabled: bool = True):
+        self.step = step
         self.enabled = enabled
         self._factor: dict[tuple[str, str, str], float] = {}
-        self._log_errors: list[float] = []
+        self._log_errors: list[float] = []  # of the estimates used (calibrated when enabled)
+        self._raw_log_errors: list[float] = []  # of the formula alone
 
     def factor(self, model: str, device_type: str, phase: str) -> float:
         return self._factor.get((model, device_type, phase), 1.0) if self.enabled else 1.0
@@ -110,12 +111,19 @@ class Calibration:
         key = (model, device_type, phase)
         calibrated = estimated_s * self.factor(model, device_type, phase)  # what the planner actually used
         self._log_errors.append(abs(math.log(measured_s / calibrated)))
-        ratio = measured_s / estimated_s
-        old = self._factor.get(key)
-        self._factor[key] = ratio if old is None else (1 - self.alpha) * old + self.alpha * ratio
+        self._raw_log_errors.append(abs(math.log(measured_s / estimated_s)))
+        # A median tracker in log space: each observation moves the factor by at most `step` toward it. The
+        # ratio is skewed (a shard is slowed by whatever else shares the device), and the median, not the mean,
+        # is what minimises the typical |log error| we report.
+        # It starts at 1 (trust the formula) rather than at the first ratio, which may be an outlier.
+        log_ratio = math.log(measured_s / estimated_s)
+        log_old = math.log(self._factor.get(key, 1.0))
+        self._factor[key] = math.exp(log_old + max(-self.step, min(self.step, log_ratio - log_old)))
 
-    def median_abs_log_error(self) -> float:
-        return statistics.median(self._log_errors) if self._log_errors else 0.0
+    def median_abs_log_error(self, uncalibrated: bool = False) -> float:
+        """Median |log(measured / estimated)| over every observation; `uncalibrated`: of the raw formula."""
+        errors = self._raw_log_errors if uncalibrated else self._log_errors
+        return statistics.median(errors) if errors else 0.0
 
 
 class CostEstimator:

@@ -43,6 +43,11 @@ def run_suite(suite: str, cluster: ClusterSpec, policies: Sequence[str], seeds: 
         "sim_events_per_s": throughput(job_results),
     }
     print_report(console, results)
+    shown = "fate" if "fate" in policies else policies[0]
+    err = results["policies"][shown]
+    console.print(f"estimator median |log(measured/estimated)| per phase ({shown}): "
+                  f"{err['estimator_median_abs_log_error_uncalibrated']:.3f} uncalibrated, "
+                  f"{err['estimator_median_abs_log_error']:.3f} with online calibration")
     console.print(f"simulator: {results['sim_events_per_s']:,.0f} shard events/s; wall time {wall_s:.1f} s; "
                   f"results in {out_dir}/")
     write_outputs(out_dir, results, job_results, trace)

@@ -38,6 +38,7 @@ class JobResult:
     cached_tokens: int = 0
     solver_status: dict[str, int] = field(default_factory=dict)
     estimator_error: float = 0.0
+    estimator_error_uncalibrated: float = 0.0
 
 
 _STATE: dict = {}
@@ -64,8 +65,9 @@ def run_job(job: Job) -> JobResult:
     }
     trace = res.trace_rows(inst.name) if _STATE["trace"] else []
     ctrl = res.controller
+    cal = ctrl.estimator.calibration
     return JobResult(row, res.plan_ms, trace, res.prompt_tokens, res.cached_tokens, dict(ctrl.stats.solver_status),
-                     ctrl.estimator.calibration.median_abs_log_error())
+                     cal.median_abs_log_error(), cal.median_abs_log_error(uncalibrated=True))
 
 
 def run_jobs(cluster: ClusterSpec, instances: Sequence[Instance], policies: Sequence[str], seeds: Sequence[int],
@@ -128,6 +130,7 @@ def _summarise(results: Sequence[JobResult], base: dict) -> dict:
         "failed_workflows": sum(r["failed"] for r in rows),
         "solver_status": status,
         "estimator_median_abs_log_error": _mean([r.estimator_error for r in results]),
+        "estimator_median_abs_log_error_uncalibrated": _mean([r.estimator_error_uncalibrated for r in results]),
         "runs": len(rows),
     }
 
