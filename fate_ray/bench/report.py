@@ -56,8 +56,23 @@ def print_report(console: Console, results: dict) -> None:
         console.print(table(f"{results['suite']} / {group}", summary))
 
 
+def markdown(results: dict) -> str:
+    """The report's tables as Markdown (results.md), for BENCHMARKS.md and issue notes."""
+    lines = []
+    sections = [("all instances", results["policies"])] + list(results.get("by_group", {}).items())
+    for title, summary in sections:
+        lines += [f"**{results['suite']}: {title}**", "",
+                  "| policy | " + " | ".join(label for _, label, _ in COLUMNS) + " |",
+                  "|---" * (len(COLUMNS) + 1) + "|"]
+        for policy, m in sorted(summary.items(), key=lambda kv: _sort_key(kv[1]["normalized_makespan"])):
+            lines.append(f"| {policy} | " + " | ".join(_fmt(fmt, m[key]) for key, _, fmt in COLUMNS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def write_outputs(out_dir: Path, results: dict, jobs: Sequence[JobResult], trace: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.md").write_text(markdown(results))
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
     rows = results["per_instance"]
     with open(out_dir / "results.csv", "w", newline="") as fh:
