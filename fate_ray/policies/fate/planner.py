@@ -98,19 +98,19 @@ class FatePolicy(Policy):
         status = result.status if result.counts is not None else f"FALLBACK_{result.status}"
         if tail:
             ledger = RoundLedger()
-            by_device = {c.device_id: c for cs in cands.values() for c in cs}
-            for stage_counts in counts.values():
+            for stage, stage_counts in counts.items():
+                own = {c.device_id: c for c in cands[stage]}
                 for d, n in stage_counts.items():
-                    ledger.extra_s[d] = ledger.extra_s.get(d, 0.0) + n * by_device[d].per_request_s / \
-                        by_device[d].concurrency
+                    ledger.place(own[d], n)
             counts = {**counts, **greedy_counts(tail, cands, cfg, ledger)}
             status = "DECOMPOSED"
         return counts, status
 
     def _prefetch(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage], counts: Counts) -> tuple:
-        """Loads to start now for the children of frontier stages whose model no live device has ACTIVE: on an idle
-        device that fits it (no backlog, nothing placed this round), where the load evicts nothing a frontier or
-        horizon stage needs; a device holding the model asleep first, then the fastest."""
+        """Loads to start now for the children of frontier stages whose model no live device has ACTIVE nor gets
+        from this round's placements: on an idle device that fits it (no backlog, nothing placed this round), where
+        the load evicts nothing a frontier or horizon stage needs; a device holding the model asleep first, then
+        the fastest."""
         models = self.cluster.models
         busy = {d for stage_counts in counts.values() for d in stage_counts}
         idle = [d for d in snapshot.devices if d.alive and d.running_shards == 0 and d.free_at_s <= snapshot.now_s
@@ -121,9 +121,10 @@ class FatePolicy(Policy):
                 children += [s.dag.stages[c].model for c in s.dag.children[s.key[1]]]
         needed = {s.model for s in frontier} | set(children)
         out: list[tuple[str, str]] = []
+        placed_models = {s.model for s in frontier}  # this round's placements make these resident somewhere
         for model in dict.fromkeys(children):
             fitting = [d for d in snapshot.devices if d.alive and self.cluster.fits(model, d.device.type)]
-            if any(d.state_of(model) == "ACTIVE" for d in fitting):
+            if model in placed_models or any(d.state_of(model) == "ACTIVE" for d in fitting):
                 continue
             options = [d for d in idle if d in fitting and not set(d.plan_activation(model, models).evict) & needed
                        and d.plan_activation(model, models).feasible]
