@@ -11,7 +11,7 @@ policies meet the same output lengths and the same noise for the same work.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import NormalDist
 
 from fate_ray.cost import CostEstimator, RequestShape
@@ -62,68 +62,80 @@ class ShardOutcome:
     output_tokens: tuple[int, ...]
 
 
-@dataclass
-class TrueDevice:
-    state: DeviceState
-    ready_at_s: dict[str, float] = field(default_factory=dict)  # model -> when its load/wake completes
-    running: dict[str, int] = field(default_factory=dict)  # shard id -> requests
-    alive: bool = True
+class ModelledDevice:
+    """One device's ground truth: what it holds, and how long a shard really takes on it.
 
+    Used by the simulator for every device, and by the Ray runtime's SimEngine for its own device, so both
+    execute shards with the same model of the hardware."""
 
-class TruePerformance:
-    """Executes Dispatch commands against the true device states."""
-
-    def __init__(self, cluster: ClusterSpec, noise: NoiseModel):
+    def __init__(self, cluster: ClusterSpec, device: Device, noise: NoiseModel):
         self.cluster = cluster
         self.noise = noise
         self.estimator = CostEstimator(cluster)  # uncalibrated: the formula itself
-        self.devices = {d.device_id: TrueDevice(DeviceState.empty(cluster, d)) for d in cluster.devices}
-
-    def device(self, device_id: str) -> Device:
-        return self.devices[device_id].state.device
+        self.state = DeviceState.empty(cluster, device)
+        self.ready_at_s: dict[str, float] = {}  # model -> when its load/wake completes
+        self.running: dict[str, int] = {}  # shard id -> requests
+        self.alive = True
 
     def start(self, cmd: Dispatch, now_s: float) -> ShardOutcome:
-        dev = self.devices[cmd.device_id]
         shard = cmd.shard
         outs = tuple(self.noise.output_tokens(shard.workflow_id, shard.stage_id, i, shard.expected_output_tokens,
                                               shard.max_tokens) for i in shard.request_indices)
         reqs = [RequestShape(sum(s.tokens for s in p), h, o) for p, h, o in zip(shard.prompts, shard.block_hashes, outs)]
-        others = len(dev.running)
-        other_requests = sum(dev.running.values())
-        cost = self.estimator.shard_cost(shard.model, dev.state.device.type, reqs, dev.state,
-                                         other_shards=others, other_requests=other_requests)
+        cost = self.estimator.shard_cost(shard.model, self.state.device.type, reqs, self.state,
+                                         other_shards=len(self.running), other_requests=sum(self.running.values()))
         noise_key = (shard.workflow_id, shard.stage_id, shard.request_indices[0], cmd.device_id, shard.attempt)
-        kind = dev.state.activate(shard.model, now_s, cmd.evict)
+        kind = self.state.activate(shard.model, now_s, cmd.evict)
         if kind != "resident":
-            dev.ready_at_s[shard.model] = now_s + cost.activation_s * self.noise.factor("act", *noise_key)
-        activation_s = max(0.0, dev.ready_at_s.get(shard.model, now_s) - now_s)
+            self.ready_at_s[shard.model] = now_s + cost.activation_s * self.noise.factor("act", *noise_key)
+        activation_s = max(0.0, self.ready_at_s.get(shard.model, now_s) - now_s)
         prefill_s = cost.prefill_s * self.noise.factor("prefill", *noise_key)
         decode_s = cost.decode_s * self.noise.factor("decode", *noise_key)
-        dev.state.shard_started(shard.model)
-        dev.running[shard.shard_id] = len(reqs)
+        self.state.shard_started(shard.model)
+        self.running[shard.shard_id] = len(reqs)
         end_s = now_s + activation_s + cost.transfer_s + prefill_s + decode_s
         return ShardOutcome(now_s, end_s, kind, activation_s, prefill_s, decode_s, cost.prompt_tokens,
                             cost.cached_tokens, outs)
 
     def load(self, cmd: LoadModel, now_s: float) -> Activation:
         """A prefetch: the model becomes ACTIVE now and usable once its load or wake completes."""
-        dev = self.devices[cmd.device_id]
-        kind = dev.state.activate(cmd.model, now_s, cmd.evict)
+        kind = self.state.activate(cmd.model, now_s, cmd.evict)
         if kind != "resident":
-            prof = self.estimator.profile(cmd.model, dev.state.device.type)
+            prof = self.estimator.profile(cmd.model, self.state.device.type)
             seconds = prof.wake_s if kind == "wake" else prof.load_s
-            dev.ready_at_s[cmd.model] = now_s + seconds * self.noise.factor("prefetch", cmd.model, cmd.device_id, now_s)
+            self.ready_at_s[cmd.model] = now_s + seconds * self.noise.factor("prefetch", cmd.model, cmd.device_id,
+                                                                              now_s)
         return kind
 
-    def finish(self, device_id: str, shard: Shard, outcome: ShardOutcome) -> None:
-        dev = self.devices[device_id]
-        dev.running.pop(shard.shard_id)
-        dev.state.shard_ended(shard.model, outcome.end_s)
+    def finish(self, shard: Shard, outcome: ShardOutcome) -> None:
+        self.running.pop(shard.shard_id)
+        self.state.shard_ended(shard.model, outcome.end_s)
         for prompt, index, out in zip(shard.prompts, shard.request_indices, outcome.output_tokens):
             segments = prompt + (Segment(output_key(shard.workflow_id, shard.stage_id, index), out),)
-            dev.state.insert_blocks(shard.model, block_hashes(segments, self.cluster.block_tokens))
+            self.state.insert_blocks(shard.model, block_hashes(segments, self.cluster.block_tokens))
+
+    def kill(self) -> None:
+        self.alive = False
+        self.running.clear()
+
+
+class TruePerformance:
+    """The simulator's cluster: one ModelledDevice per device."""
+
+    def __init__(self, cluster: ClusterSpec, noise: NoiseModel):
+        self.devices = {d.device_id: ModelledDevice(cluster, d, noise) for d in cluster.devices}
+
+    def device(self, device_id: str) -> Device:
+        return self.devices[device_id].state.device
+
+    def start(self, cmd: Dispatch, now_s: float) -> ShardOutcome:
+        return self.devices[cmd.device_id].start(cmd, now_s)
+
+    def load(self, cmd: LoadModel, now_s: float) -> Activation:
+        return self.devices[cmd.device_id].load(cmd, now_s)
+
+    def finish(self, device_id: str, shard: Shard, outcome: ShardOutcome) -> None:
+        self.devices[device_id].finish(shard, outcome)
 
     def kill(self, device_id: str) -> None:
-        dev = self.devices[device_id]
-        dev.alive = False
-        dev.running.clear()
+        self.devices[device_id].kill()
