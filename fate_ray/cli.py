@@ -101,6 +101,38 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from fate_ray.policies.registry import policy_names
+    from fate_ray.spec.workflow import load_workflow
+
+    cluster = _cluster(args.cluster)
+    if args.policy not in policy_names():
+        raise ValueError(f"unknown policy {args.policy!r}; known: {', '.join(policy_names())}")
+    workflows = [load_workflow(f, cluster)[1] for f in args.files]  # validate everything before touching Ray
+    from fate_ray.runtime.driver import RunConfig, connect, run_workflows
+
+    console = make_console()
+    cfg = RunConfig(policy=args.policy, engine=args.engine, time_scale=args.time_scale, out_dir=Path(args.out),
+                    timeout_s=args.timeout)
+    connect(cluster)
+    last: dict[str, str] = {}
+
+    def show(progress):
+        for p in progress:
+            line = f"{p['workflow']}: {p['stages_done']}/{p['stages']} stages, {p['running_shards']} running, {p['state']}"
+            if last.get(p["workflow"]) != line:
+                console.print(line)
+                last[p["workflow"]] = line
+
+    summary = run_workflows(cluster, workflows, cfg, on_progress=show)
+    for p in summary["workflows"]:
+        if p["state"] == "failed":
+            console.print(f"failed: {p['workflow']}: {p.get('error', '')}")
+    console.print(f"outputs in {cfg.out_dir}/ ({len(summary['workflows'])} workflows, "
+                  f"{len(summary['failed'])} not done)")
+    return 1 if summary["failed"] else 0
+
+
 def cmd_demo(args) -> int:
     from fate_ray.bench import run_suite
     from fate_ray.policies import BASELINES
@@ -142,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", action="store_true", help="also write trace.jsonl (one line per executed shard)")
     p.add_argument("--jobs", type=int, help="parallel processes (default: all cores)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("run", help="run workflows on Ray (joins RAY_ADDRESS, else starts a local cluster)")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--cluster")
+    p.add_argument("--policy", default="fate")
+    p.add_argument("--engine", choices=["sim"], default="sim", help="sim: modelled durations (vLLM comes next)")
+    p.add_argument("--time-scale", type=float, default=0.01, help="SimEngine: wall seconds per modelled second")
+    p.add_argument("--out", default="results/run")
+    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="the main job: compare every policy on the shipped examples")
     p.add_argument("--seeds", type=int, default=2)

@@ -1,0 +1,170 @@
+"""PlannerActor (named `fate-planner`): the Controller in a thin async shell.
+
+Events come from the driver (workflows) and from worker calls finishing; each is handed to `Controller.handle`
+in a worker thread (planning must not block the event loop), one at a time under a lock; the commands that come
+back are executed with `.remote()` calls whose results are awaited, never `ray.get`. A worker that dies
+mid-shard surfaces as a RayActorError on that await: the Controller hears `WorkerLost` and re-plans the shard's
+requests elsewhere; a late reply from it is dropped by the Controller, so no output is lost or recorded twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import RayActorError
+
+from fate_ray.controller import Controller
+from fate_ray.cost import Calibration, CostEstimator
+from fate_ray.events import (
+    Dispatch,
+    LoadModel,
+    ShardFailed,
+    ShardFinished,
+    WorkerLost,
+    WorkflowDone,
+    WorkflowSubmitted,
+)
+from fate_ray.policies import PolicyContext, make_policy
+from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.workload import Workflow
+
+PLANNER_NAME = "fate-planner"
+
+
+@dataclass
+class ShardRecord:
+    workflow_id: str
+    stage_id: str
+    device_id: str
+    model: str
+    request_indices: tuple[int, ...]
+    dispatched_s: float
+    started_s: float = 0.0
+    ended_s: float = 0.0
+    outputs: tuple[str, ...] = ()
+    output_tokens: tuple[int, ...] = ()
+    status: str = "running"
+
+
+@dataclass
+class WorkflowRecord:
+    submitted_s: float
+    done: WorkflowDone | None = None
+    done_wall_s: float = 0.0
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@ray.remote(num_cpus=0)
+class PlannerActor:
+    def __init__(self, cluster: ClusterSpec, policy: str, workers: dict, seed: int = 0, time_scale: float = 1.0):
+        estimator = CostEstimator(cluster, Calibration())
+        self.controller = Controller(cluster, make_policy(policy, PolicyContext(cluster, estimator, seed)), estimator)
+        self.workers = dict(workers)  # device id -> actor handle
+        self.lock = asyncio.Lock()
+        self.t0 = time.monotonic()
+        # The Controller's clock runs in the engines' seconds: modelled seconds for SimEngine (wall / time_scale).
+        self.time_scale = time_scale
+        self.workflows: dict[str, WorkflowRecord] = {}
+        self.shards: dict[str, ShardRecord] = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    def _now_s(self) -> float:
+        return (time.monotonic() - self.t0) / self.time_scale
+
+    # -- driver API -------------------------------------------------------------------------------------------------
+    async def submit(self, workflows: list[Workflow]) -> list[str]:
+        ids = []
+        for wf in workflows:
+            self.workflows[wf.workflow_id] = WorkflowRecord(time.time())
+            await self._handle(WorkflowSubmitted(wf.with_arrival(wf.workflow_id, self._now_s()), self._now_s()))
+            ids.append(wf.workflow_id)
+        return ids
+
+    async def wait(self, workflow_ids: list[str], timeout_s: float | None = None) -> dict[str, dict]:
+        waits = [self.workflows[w].finished.wait() for w in workflow_ids]
+        await asyncio.wait_for(asyncio.gather(*waits), timeout_s)
+        return {w: self.status(w) for w in workflow_ids}
+
+    def status(self, workflow_id: str) -> dict:
+        rec = self.workflows[workflow_id]
+        run = self.controller.workflows.get(workflow_id)
+        done_stages = sum(1 for s in run.stages.values() if s.done) if run else 0
+        running = sum(1 for s in self.shards.values() if s.workflow_id == workflow_id and s.status == "running")
+        out = {"workflow": workflow_id, "stages_done": done_stages, "stages": len(run.stages) if run else 0,
+               "running_shards": running, "state": "running"}
+        if rec.done is not None:
+            out.update(state="done" if rec.done.ok else "failed", error=rec.done.error,
+                       latency_s=rec.done_wall_s - rec.submitted_s)
+        return out
+
+    async def progress(self) -> list[dict]:
+        return [self.status(w) for w in self.workflows]
+
+    async def results(self, workflow_id: str) -> dict:
+        """Every request's output and the shard that produced it, per stage."""
+        run = self.controller.workflows[workflow_id]
+        shards = [vars(s) for s in self.shards.values() if s.workflow_id == workflow_id and s.status == "done"]
+        stages = {sid: {"outputs": dict(st.outputs), "output_tokens": dict(st.output_tokens)}
+                  for sid, st in run.stages.items()}
+        return {"stages": stages, "shards": shards, "failed": run.failed}
+
+    async def stats(self) -> dict:
+        s = self.controller.stats
+        return {"planning_rounds": s.planning_rounds, "shards_dispatched": s.shards_dispatched,
+                "duplicate_finishes": s.duplicate_finishes, "retries": s.retries, "prefetches": s.prefetches,
+                "solver_status": dict(s.solver_status)}
+
+    # -- the shell --------------------------------------------------------------------------------------------------
+    async def _handle(self, event) -> None:
+        async with self.lock:
+            # NOTE: in a thread so a CP-SAT round never blocks the event loop that awaits worker replies.
+            commands = await asyncio.to_thread(self.controller.handle, event)
+        for cmd in commands:
+            self._execute(cmd)
+
+    def _execute(self, cmd) -> None:
+        if isinstance(cmd, Dispatch):
+            self.shards[cmd.shard.shard_id] = ShardRecord(
+                cmd.shard.workflow_id, cmd.shard.stage_id, cmd.device_id, cmd.shard.model,
+                cmd.shard.request_indices, time.time())
+            self._spawn(self._run_shard(cmd))
+        elif isinstance(cmd, LoadModel):
+            self._spawn(self._load(cmd))
+        elif isinstance(cmd, WorkflowDone):
+            rec = self.workflows[cmd.workflow_id]
+            rec.done = cmd
+            rec.done_wall_s = time.time()
+            rec.finished.set()
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run_shard(self, cmd: Dispatch) -> None:
+        record = self.shards[cmd.shard.shard_id]
+        try:
+            result = await self.workers[cmd.device_id].run_shard.remote(cmd)
+        except RayActorError as exc:
+            record.status = "lost"
+            await self._handle(WorkerLost(cmd.device_id, self._now_s(), f"worker died: {exc.__class__.__name__}"))
+            return
+        except Exception as exc:  # noqa: BLE001 -- an engine error fails the shard; the Controller decides on retry
+            record.status = "failed"
+            await self._handle(ShardFailed(cmd.shard.shard_id, cmd.device_id, self._now_s(),
+                                           f"{exc.__class__.__name__}: {exc}".splitlines()[0]))
+            return
+        record.status = "done"
+        record.started_s, record.ended_s = result.started_s, result.ended_s
+        record.outputs, record.output_tokens = result.outputs, result.output_tokens
+        await self._handle(ShardFinished(cmd.shard.shard_id, cmd.device_id, self._now_s(), result.output_tokens,
+                                         result.outputs, result.phase_s, result.cached_tokens))
+
+    async def _load(self, cmd: LoadModel) -> None:
+        try:
+            await self.workers[cmd.device_id].load_model.remote(cmd)
+        except RayActorError:
+            await self._handle(WorkerLost(cmd.device_id, self._now_s(), "worker died while loading"))

@@ -1,0 +1,38 @@
+"""GpuWorker: one Ray actor per GPU, hosting the Engine that runs shards on that device."""
+
+from __future__ import annotations
+
+import ray
+
+from fate_ray.engines.base import EngineReport, ShardResult
+from fate_ray.engines.sim_engine import DEFAULT_TIME_SCALE, SimEngine
+from fate_ray.events import Dispatch, LoadModel
+from fate_ray.spec.cluster import ClusterSpec
+
+
+def worker_name(device_id: str) -> str:
+    return "fate-worker-" + device_id.replace("/", "-")
+
+
+@ray.remote(num_gpus=1, num_cpus=0)
+class GpuWorker:
+    """Async actor: shards run concurrently on its event loop (the engine batches them)."""
+
+    def __init__(self, cluster: ClusterSpec, device_id: str, engine: str = "sim",
+                 time_scale: float = DEFAULT_TIME_SCALE):
+        if engine != "sim":
+            raise ValueError(f"unknown engine {engine!r}; this version ships 'sim' (vLLM comes next)")
+        self.device_id = device_id
+        self.engine = SimEngine(cluster, device_id, time_scale)
+
+    async def run_shard(self, cmd: Dispatch) -> ShardResult:
+        return await self.engine.run_shard(cmd)
+
+    async def load_model(self, cmd: LoadModel) -> None:
+        await self.engine.load_model(cmd)
+
+    async def report(self) -> EngineReport:
+        return self.engine.report()
+
+    async def ping(self) -> str:
+        return self.device_id
