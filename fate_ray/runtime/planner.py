@@ -111,6 +111,11 @@ class PlannerActor:
                   for sid, st in run.stages.items()}
         return {"stages": stages, "shards": shards, "failed": run.failed}
 
+    async def running_devices(self) -> list[str]:
+        """Devices with a shard running now, earliest dispatch first."""
+        running = sorted((s for s in self.shards.values() if s.status == "running"), key=lambda s: s.dispatched_s)
+        return list(dict.fromkeys(s.device_id for s in running))
+
     async def stats(self) -> dict:
         s = self.controller.stats
         return {"planning_rounds": s.planning_rounds, "shards_dispatched": s.shards_dispatched,
