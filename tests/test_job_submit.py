@@ -1,0 +1,48 @@
+"""`ray job submit` of a workflow to a real local Ray head on loopback (its own temp dir and ports): the job
+succeeds, its outputs exist, the dashboard lists the planner and workers by name; bad input fails the job with
+the validation message and no traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fate_ray.runtime.job import actor_names, submit_run
+from fate_ray.runtime.local_head import start_local_head
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_CLUSTER = "workflows/clusters/local.yaml"
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    # Ports apart from the defaults, so a developer's own head on 8265 is not disturbed.
+    h = start_local_head(num_gpus=2, gcs_port=6391, dashboard_port=8266, metrics_port=8081)
+    yield h
+    h.stop()
+
+
+def test_a_submitted_workflow_runs_and_the_dashboard_names_its_actors(head, tmp_path):
+    out = tmp_path / "out"
+    proc = submit_run(head, ROOT, ["workflows/self_consistency.yaml", "--cluster", LOCAL_CLUSTER, "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == []
+    rows = [json.loads(line) for line in (out / "self-consistency.jsonl").read_text().splitlines()]
+    assert {(r["stage"], r["request"]) for r in rows} == {("solve", i) for i in range(8)} | {("vote", 0)}
+    names = actor_names(head)
+    assert "fate-planner" in names
+    assert {"fate-worker-local-gpu0", "fate-worker-local-gpu1"} <= set(names)
+
+
+def test_a_bad_workflow_fails_the_job_with_the_validation_message(head, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages:\n  - id: a\n    model: llama3.1-8b\n    prompt: {template: hi}\n"
+                   "    max_tokens: 0\n")
+    proc = submit_run(head, ROOT, [str(bad), "--cluster", LOCAL_CLUSTER])
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"error: {bad}:6: stages.0.max_tokens: Input should be greater than 0" in logs
+    assert "Traceback" not in logs
