@@ -118,7 +118,7 @@ class Controller:
             self._make_ready(run, sid)
 
     def _make_ready(self, run: WorkflowRun, stage_id: str) -> None:
-        run.make_ready(stage_id)
+        run.make_ready(stage_id, self.now_s)
         self.frontier.add((run.workflow_id, stage_id))
 
     def _finished(self, ev: ShardFinished) -> list[Command]:

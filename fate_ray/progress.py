@@ -37,6 +37,7 @@ class StageRun:
     output_node: dict[int, str] = field(default_factory=dict)
     output_device: dict[int, str] = field(default_factory=dict)
     output_segments: dict[int, Segment] = field(default_factory=dict)
+    ready_s: float = 0.0  # when its last parent finished (Controller clock)
 
     @property
     def done(self) -> bool:
@@ -65,8 +66,9 @@ class WorkflowRun:
     def initially_ready(self) -> list[str]:
         return [sid for sid in self.workflow.order if not self.workflow.stages[sid].parents]
 
-    def make_ready(self, stage_id: str) -> None:
+    def make_ready(self, stage_id: str, now_s: float) -> None:
         run = self.stages[stage_id]
+        run.ready_s = now_s
         run.prompts = [self._resolve(parts) for parts in run.stage.prompts]
         run.hashes = [block_hashes(p, self.block_tokens) for p in run.prompts]
         run.pending = set(range(run.stage.num_requests))

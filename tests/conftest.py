@@ -18,6 +18,16 @@ The tiny cluster (block_tokens 4; links 100 GB/s in a node, 10 GB/s between node
 
 from __future__ import annotations
 
+import os
+
+# Every process that talks to a loopback Ray head needs these before Ray is imported (ENVIRONMENT.md): without the
+# first, Ray rewrites 127.0.0.1 to the machine's external address and connections hang; the heads the tests start
+# run without token authentication.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+
 import copy
 from collections.abc import Callable
 from pathlib import Path

@@ -8,6 +8,7 @@ queues it there; devices run their queues in the policy's `queue_order`.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,27 @@ class Policy(ABC):
     def candidates(self, snapshot: ClusterSnapshot, model: str) -> list[DeviceSnapshot]:
         """Live devices whose type fits `model`, in cluster order."""
         return [d for d in snapshot.devices if d.alive and self.cluster.fits(model, d.device.type)]
+
+
+class PlanTimer:
+    """Wraps a policy to time each round and keep its frontier size and solver status (clocks live in the shells,
+    never in the Controller); `last` holds the latest (wall ms, frontier size, status)."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.plan_ms: list[float] = []
+        self.last: tuple[float, int, str] = (0.0, 0, "")
+
+    def __getattr__(self, name: str):
+        return getattr(self.policy, name)
+
+    def plan(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> Plan:
+        started = time.perf_counter()
+        plan = self.policy.plan(snapshot, frontier)
+        ms = (time.perf_counter() - started) * 1000
+        self.plan_ms.append(ms)
+        self.last = (ms, len(frontier), plan.solver_status)
+        return plan
 
 
 class RoundLoad:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 from fate_ray.runtime.local_head import LocalHead
+
+AGENT_WAIT_S = 60.0
 
 
 def submit_run(head: LocalHead, working_dir: Path, run_args: Sequence[str], timeout_s: float = 600.0,
@@ -21,7 +24,13 @@ def submit_run(head: LocalHead, working_dir: Path, run_args: Sequence[str], time
     ray_bin = Path(sys.executable).with_name("ray")
     cmd = [str(ray_bin), "job", "submit", "--address", head.dashboard_url, "--working-dir", str(working_dir), "--",
            sys.executable, "-m", "fate_ray.cli", "run", *run_args]
-    return subprocess.run(cmd, env=head.env(), capture_output=True, text=True, timeout=timeout_s, cwd=working_dir)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        proc = subprocess.run(cmd, env=head.env(), capture_output=True, text=True, timeout=timeout_s, cwd=working_dir)
+        # NOTE: a head answers HTTP a few seconds before its job agent registers; that refusal is worth a retry.
+        if "No available agent" not in proc.stderr + proc.stdout or time.monotonic() > deadline:
+            return proc
+        time.sleep(2.0)
 
 
 def actor_names(head: LocalHead) -> dict[str, str]:

@@ -10,6 +10,7 @@ requests elsewhere; a late reply from it is dropped by the Controller, so no out
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -27,11 +28,14 @@ from fate_ray.events import (
     WorkflowDone,
     WorkflowSubmitted,
 )
+from fate_ray.metrics import PlannerMetrics
 from fate_ray.policies import PolicyContext, make_policy
+from fate_ray.policies.base import PlanTimer
 from fate_ray.spec.cluster import ClusterSpec
 from fate_ray.workload import Workflow
 
 PLANNER_NAME = "fate-planner"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,7 +65,12 @@ class WorkflowRecord:
 class PlannerActor:
     def __init__(self, cluster: ClusterSpec, policy: str, workers: dict, seed: int = 0, time_scale: float = 1.0):
         estimator = CostEstimator(cluster, Calibration())
-        self.controller = Controller(cluster, make_policy(policy, PolicyContext(cluster, estimator, seed)), estimator)
+        self.timer = PlanTimer(make_policy(policy, PolicyContext(cluster, estimator, seed)))
+        self.controller = Controller(cluster, self.timer, estimator)
+        self.policy_name = policy
+        self.metrics = PlannerMetrics()
+        self._stages_timed: set[tuple[str, str]] = set()
+        self._gauge_task: asyncio.Task | None = None
         self.workers = dict(workers)  # device id -> actor handle
         self.lock = asyncio.Lock()
         self.t0 = time.monotonic()
@@ -70,12 +79,15 @@ class PlannerActor:
         self.workflows: dict[str, WorkflowRecord] = {}
         self.shards: dict[str, ShardRecord] = {}
         self.tasks: set[asyncio.Task] = set()
+        self._prompt_tokens: dict[str, tuple[int, ...]] = {}
 
     def _now_s(self) -> float:
         return (time.monotonic() - self.t0) / self.time_scale
 
     # -- driver API -------------------------------------------------------------------------------------------------
     async def submit(self, workflows: list[Workflow]) -> list[str]:
+        if self._gauge_task is None:
+            self._gauge_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
         ids = []
         for wf in workflows:
             self.workflows[wf.workflow_id] = WorkflowRecord(time.time())
@@ -125,21 +137,77 @@ class PlannerActor:
     # -- the shell --------------------------------------------------------------------------------------------------
     async def _handle(self, event) -> None:
         async with self.lock:
+            rounds = len(self.timer.plan_ms)
             # NOTE: in a thread so a CP-SAT round never blocks the event loop that awaits worker replies.
             commands = await asyncio.to_thread(self.controller.handle, event)
+            if len(self.timer.plan_ms) > rounds:
+                self._record_round()
+            if isinstance(event, ShardFinished):
+                self._record_finish(event)
         for cmd in commands:
             self._execute(cmd)
 
+    # -- metrics ----------------------------------------------------------------------------------------------------
+    def _record_round(self) -> None:
+        ms, frontier, status = self.timer.last
+        tags = {"policy": self.policy_name}
+        self.metrics.plan_latency_ms.observe(ms, tags)
+        self.metrics.frontier_size.set(frontier, tags)
+        self.metrics.solver_status.inc(1, {**tags, "status": status or "NONE"})
+
+    def _record_dispatch(self, cmd: Dispatch) -> None:
+        stage = self.controller.workflows[cmd.shard.workflow_id].stages[cmd.shard.stage_id]
+        self.metrics.queue_wait_s.observe(max(0.0, self._now_s() - stage.ready_s))
+        self._record_model_events(cmd.device_id, cmd.activation, cmd.evict)
+
+    def _record_model_events(self, device_id: str, activation: str, evict: tuple[str, ...]) -> None:
+        if activation in ("load", "wake"):
+            self.metrics.model_events.inc(1, {"device": device_id, "kind": activation})
+        if evict:
+            self.metrics.model_events.inc(len(evict), {"device": device_id, "kind": "evict"})
+
+    def _record_finish(self, event: ShardFinished) -> None:
+        record = self.shards.get(event.shard_id)
+        run = self.controller.workflows.get(record.workflow_id) if record else None
+        if record is None or run is None:
+            return
+        prompt = sum(t for t in self._prompt_tokens.pop(event.shard_id, ()))
+        if prompt:  # NOTE: Ray counters refuse an increment of 0
+            self.metrics.prefix_query_tokens.inc(prompt, {"device": event.device_id})
+        if event.cached_tokens:
+            self.metrics.prefix_hit_tokens.inc(event.cached_tokens, {"device": event.device_id})
+        self.metrics.shards.inc(1, {"outcome": "done"})
+        stage = run.stages[record.stage_id]
+        key = (record.workflow_id, record.stage_id)
+        if stage.done and key not in self._stages_timed:
+            self._stages_timed.add(key)
+            self.metrics.stage_latency_s.observe(max(0.0, event.now_s - stage.ready_s), {"model": record.model})
+
+    async def _refresh_gauges(self) -> None:
+        """Re-set gauges every 2 s: Ray forgets a gauge that is not set for ~15-20 s."""
+        while True:
+            for device_id, dev in self.controller.devices.items():
+                busy = len(dev.running) / dev.concurrency if dev.alive else 0.0
+                self.metrics.device_busy.set(busy, {"device": device_id})
+            self.metrics.frontier_size.set(self.timer.last[1], {"policy": self.policy_name})
+            await asyncio.sleep(2.0)
+
     def _execute(self, cmd) -> None:
         if isinstance(cmd, Dispatch):
+            self._record_dispatch(cmd)
+            self._prompt_tokens[cmd.shard.shard_id] = cmd.shard.prompt_tokens
             self.shards[cmd.shard.shard_id] = ShardRecord(
                 cmd.shard.workflow_id, cmd.shard.stage_id, cmd.device_id, cmd.shard.model,
                 cmd.shard.request_indices, time.time())
             self._spawn(self._run_shard(cmd))
         elif isinstance(cmd, LoadModel):
+            self._record_model_events(cmd.device_id, cmd.activation, cmd.evict)
             self._spawn(self._load(cmd))
         elif isinstance(cmd, WorkflowDone):
             rec = self.workflows[cmd.workflow_id]
+            arrival = self.controller.workflows[cmd.workflow_id].workflow.arrival_s
+            self.metrics.workflow_latency_s.observe(max(0.0, cmd.now_s - arrival),
+                                                    {"outcome": "done" if cmd.ok else "failed"})
             rec.done = cmd
             rec.done_wall_s = time.time()
             rec.finished.set()
@@ -147,7 +215,13 @@ class PlannerActor:
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug in the shell must not pass silently: the workflows it stranded would wait forever.
+            logger.error("planner task failed", exc_info=task.exception())
 
     async def _run_shard(self, cmd: Dispatch) -> None:
         record = self.shards[cmd.shard.shard_id]
@@ -155,10 +229,12 @@ class PlannerActor:
             result = await self.workers[cmd.device_id].run_shard.remote(cmd)
         except RayActorError as exc:
             record.status = "lost"
+            self.metrics.shards.inc(1, {"outcome": "lost"})
             await self._handle(WorkerLost(cmd.device_id, self._now_s(), f"worker died: {exc.__class__.__name__}"))
             return
         except Exception as exc:  # noqa: BLE001 -- an engine error fails the shard; the Controller decides on retry
             record.status = "failed"
+            self.metrics.shards.inc(1, {"outcome": "failed"})
             await self._handle(ShardFailed(cmd.shard.shard_id, cmd.device_id, self._now_s(),
                                            f"{exc.__class__.__name__}: {exc}".splitlines()[0]))
             return

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from fate_ray.controller import Controller
 from fate_ray.cost import Calibration, CostEstimator
 from fate_ray.events import Dispatch, LoadModel, ShardFinished, WorkerLost, WorkflowDone, WorkflowSubmitted
-from fate_ray.policies import Policy, PolicyContext, make_policy
+from fate_ray.policies import PolicyContext, make_policy
+from fate_ray.policies.base import PlanTimer
 from fate_ray.sim.truth import NoiseModel, ShardOutcome, TruePerformance
 from fate_ray.spec.cluster import ClusterSpec
 from fate_ray.workload import Workflow
@@ -76,23 +77,6 @@ class SimResult:
 
     def trace_rows(self, instance: str = "") -> list[dict]:
         return [dict(zip(TRACE_KEYS, (instance, self.seed, self.policy) + row)) for row in self.trace]
-
-
-class PlanTimer:
-    """Wraps a policy to record each planning round's wall time (clocks live in the shell, not the Controller)."""
-
-    def __init__(self, policy: Policy):
-        self.policy = policy
-        self.plan_ms: list[float] = []
-
-    def __getattr__(self, name: str):
-        return getattr(self.policy, name)
-
-    def plan(self, snapshot, frontier):
-        started = time.perf_counter()
-        plan = self.policy.plan(snapshot, frontier)
-        self.plan_ms.append((time.perf_counter() - started) * 1000)
-        return plan
 
 
 def percentile(values: Sequence[float], q: float) -> float:

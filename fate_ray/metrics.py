@@ -1,0 +1,34 @@
+"""Prometheus metrics of the planner, named `fate_*` (Ray exports them as `ray_fate_*` on the head's metrics port).
+
+Recorded by the PlannerActor shell, never by the pure Controller. Gauges are re-set on a timer by the actor:
+Ray drops a gauge that has not been set for ~15-20 s.
+"""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+_SECONDS = [0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
+_MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 250, 500, 1000, 5000]
+
+
+class PlannerMetrics:
+    def __init__(self) -> None:
+        self.stage_latency_s = Histogram("fate_stage_latency_s", "Ready to last output of a stage (engine s).",
+                                         _SECONDS, ("model",))
+        self.workflow_latency_s = Histogram("fate_workflow_latency_s", "Submission to completion of a workflow "
+                                            "(engine s).", _SECONDS, ("outcome",))
+        self.queue_wait_s = Histogram("fate_queue_wait_s", "Stage ready to shard dispatch (engine s).", _SECONDS)
+        self.plan_latency_ms = Histogram("fate_plan_latency_ms", "Wall time of one planning round.", _MS,
+                                         ("policy",))
+        self.frontier_size = Gauge("fate_frontier_size", "Stages planned in the last round.", ("policy",))
+        self.solver_status = Counter("fate_solver_status_total", "Planning rounds by solver status.",
+                                     ("policy", "status"))
+        self.model_events = Counter("fate_model_events_total", "Model loads, wakes and evictions.",
+                                    ("device", "kind"))
+        self.prefix_hit_tokens = Counter("fate_prefix_hit_tokens_total", "Prompt tokens served from prefix caches.",
+                                         ("device",))
+        self.prefix_query_tokens = Counter("fate_prefix_query_tokens_total", "Prompt tokens of finished shards.",
+                                           ("device",))
+        self.shards = Counter("fate_shards_total", "Shards by outcome.", ("outcome",))
+        self.device_busy = Gauge("fate_device_busy_ratio", "Running shards / concurrency, per device.", ("device",))

@@ -1,0 +1,93 @@
+"""Metrics end to end: the planner actor records `fate_*` metrics, Ray exports them, and a real Prometheus
+(Debian's `prometheus`, started here on loopback with Ray's file-SD list) scrapes them; we read them back through
+Prometheus's HTTP API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+
+from fate_ray.runtime.driver import RunConfig, run_workflows, start_actors
+from fate_ray.runtime.local_head import start_local_head
+from fate_ray.spec.cluster import load_cluster
+from fate_ray.spec.workflow import load_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+PROM_PORT = 9491
+
+pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
+                                reason="Prometheus is not installed (.ci/run installs Debian's `prometheus`)")
+
+
+@pytest.fixture(scope="module")
+def head():
+    h = start_local_head(num_gpus=2, gcs_port=6392, dashboard_port=8267, metrics_port=8082)
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(head, tmp_path_factory):
+    work = tmp_path_factory.mktemp("prom")
+    sd = head.temp_dir / "prom_metrics_service_discovery.json"
+    (work / "prometheus.yml").write_text(
+        "global: {scrape_interval: 2s}\n"
+        f"scrape_configs:\n  - job_name: ray\n    file_sd_configs: [{{files: ['{sd}'], refresh_interval: 2s}}]\n")
+    proc = subprocess.Popen(["prometheus", f"--config.file={work / 'prometheus.yml'}",
+                             f"--web.listen-address=127.0.0.1:{PROM_PORT}", f"--storage.tsdb.path={work / 'data'}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    yield f"http://127.0.0.1:{PROM_PORT}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def query(prom: str, expr: str) -> list:
+    url = f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.loads(resp.read())["data"]["result"]
+    except OSError:
+        return []
+
+
+def test_prometheus_scrapes_the_planner_metrics(head, prometheus, monkeypatch, tmp_path):
+    for key, value in head.env().items():
+        if key.startswith("RAY_"):
+            monkeypatch.setenv(key, value)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address=head.gcs_address, log_to_driver=False)
+    try:
+        cluster = load_cluster(ROOT / "workflows" / "clusters" / "local.yaml")
+        cfg = RunConfig(out_dir=tmp_path, time_scale=0.01)
+        planner, _ = start_actors(cluster, cfg, name_suffix="-metrics")
+        wfs = [load_workflow(ROOT / "workflows" / f"{n}.yaml", cluster)[1] for n in ("rag_rerank", "self_consistency")]
+        summary = run_workflows(cluster, wfs, cfg, planner=planner)
+        assert summary["failed"] == []
+        shards = summary["stats"]["shards_dispatched"]
+        wanted = {
+            "ray_fate_shards_total": lambda r: sum(float(x["value"][1]) for x in r) >= shards,
+            "ray_fate_plan_latency_ms_count": lambda r: sum(float(x["value"][1]) for x in r) >= 1,
+            "ray_fate_workflow_latency_s_count": lambda r: sum(float(x["value"][1]) for x in r) >= 2,
+            "ray_fate_prefix_query_tokens_total": lambda r: sum(float(x["value"][1]) for x in r) > 0,
+            "ray_fate_model_events_total": lambda r: any(x["metric"].get("kind") == "load" for x in r),
+            "ray_fate_device_busy_ratio": lambda r: len(r) >= 2,
+        }
+        deadline = time.monotonic() + 90
+        missing = dict(wanted)
+        while missing and time.monotonic() < deadline:
+            for name, ok in list(missing.items()):
+                if ok(query(prometheus, name)):
+                    del missing[name]
+            time.sleep(2)
+        assert not missing, f"not scraped (or wrong values) after 90 s: {sorted(missing)}"
+    finally:
+        ray.shutdown()
