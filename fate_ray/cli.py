@@ -90,6 +90,12 @@ def cmd_bench(args) -> int:
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
     out = Path(args.out or f"results/{args.suite}")
+    if args.suite == "runtime":
+        from fate_ray.bench.runtime_bench import run_runtime_bench
+
+        chosen = args.policies.split(",") if args.policies else ["fate", "round_robin"]
+        run_runtime_bench(cluster, chosen, out, console=make_console())
+        return 0
     if args.suite == "planner-scale":
         from fate_ray.bench.planner_scale import run_planner_scale
 
@@ -194,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("bench", help="compare policies on a benchmark suite")
-    p.add_argument("--suite", choices=["smoke", "real-dag", "prefix-reuse", "planner-scale"], required=True)
+    p.add_argument("--suite", choices=["smoke", "real-dag", "prefix-reuse", "planner-scale", "runtime"], required=True)
     p.add_argument("--dags", nargs="+", help="files or folders (WfFormat *.json, Alibaba *.csv, Parrot *.jsonl)")
     p.add_argument("--cluster")
     p.add_argument("--policies", help="comma-separated (default: the six baselines)")

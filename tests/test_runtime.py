@@ -38,7 +38,7 @@ def ray_cluster(cluster):
 
 @pytest.fixture
 def actors(ray_cluster, cluster, request):
-    cfg = RunConfig(policy=getattr(request, "param", "fate"), time_scale=0.01)
+    cfg = RunConfig(policy="fate", time_scale=0.01, fail_stages=frozenset(getattr(request, "param", ())))
     planner, workers = start_actors(cluster, cfg, name_suffix=f"-t{next(_suffix)}")
     yield cfg, planner, workers
     for handle in [planner, *workers.values()]:
@@ -64,6 +64,7 @@ def test_examples_run_to_completion_with_every_output_once(cluster, actors, tmp_
     wfs = examples(cluster, ["rag_rerank", "mapreduce_summary", "self_consistency"])
     summary = run_workflows(cluster, wfs, RunConfig(out_dir=tmp_path, time_scale=cfg.time_scale), planner=planner)
     assert summary["failed"] == []
+    assert (tmp_path / "gantt.png").stat().st_size > 10_000
     for wf in wfs:
         got = outputs_by_request(tmp_path, wf.workflow_id)
         expected = {(sid, i) for sid, st in wf.stages.items() for i in range(st.num_requests)}
@@ -112,6 +113,20 @@ def test_a_worker_killed_mid_shard_loses_no_output(cluster, actors, tmp_path):
     assert set(got) == {(sid, i) for sid, st in wf.stages.items() for i in range(st.num_requests)}
     stats = ray.get(planner.stats.remote())
     assert stats["retries"] >= 1
+
+
+@pytest.mark.parametrize("actors", [("title",)], indirect=True)
+def test_a_stage_that_always_fails_fails_its_workflow_and_the_others_finish(cluster, actors, tmp_path):
+    cfg, planner, _ = actors
+    # multiturn_chain has a `title` stage; the injected fault makes every attempt of it fail.
+    wfs = examples(cluster, ["multiturn_chain", "rag_rerank"])
+    summary = run_workflows(cluster, wfs, RunConfig(out_dir=tmp_path, time_scale=cfg.time_scale), planner=planner)
+    by_id = {p["workflow"]: p for p in summary["workflows"]}
+    assert by_id["multiturn-chain"]["state"] == "failed"
+    assert "stage 'title' failed after 3 attempt(s)" in by_id["multiturn-chain"]["error"]
+    assert "injected failure" in by_id["multiturn-chain"]["error"]
+    assert by_id["rag-rerank"]["state"] == "done"
+    assert summary["failed"] == ["multiturn-chain"]
 
 
 def test_bad_input_fails_with_the_validation_message_and_no_traceback(tmp_path):

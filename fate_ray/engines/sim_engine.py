@@ -20,10 +20,11 @@ DEFAULT_TIME_SCALE = 0.01  # 100 modelled seconds pass in one wall second: the s
 
 class SimEngine:
     def __init__(self, cluster: ClusterSpec, device_id: str, time_scale: float = DEFAULT_TIME_SCALE,
-                 noise: NoiseModel | None = None):
+                 noise: NoiseModel | None = None, fail_stages: frozenset[str] = frozenset()):
         device = next(d for d in cluster.devices if d.device_id == device_id)
         self.device = ModelledDevice(cluster, device, noise or NoiseModel())
         self.time_scale = time_scale
+        self.fail_stages = fail_stages  # fault injection: shards of these stage ids raise, as a broken model would
         self._t0 = time.monotonic()
 
     def _model_now_s(self) -> float:
@@ -31,6 +32,8 @@ class SimEngine:
         return (time.monotonic() - self._t0) / self.time_scale if self.time_scale > 0 else 0.0
 
     async def run_shard(self, cmd: Dispatch) -> ShardResult:
+        if cmd.shard.stage_id in self.fail_stages:
+            raise RuntimeError(f"injected failure of stage {cmd.shard.stage_id!r}")
         started = time.time()
         now_s = self._model_now_s()
         outcome = self.device.start(cmd, now_s)

@@ -17,6 +17,7 @@ from pathlib import Path
 import ray
 
 from fate_ray.engines.sim_engine import DEFAULT_TIME_SCALE
+from fate_ray.runtime.gantt import plot_gantt
 from fate_ray.runtime.planner import PLANNER_NAME, PlannerActor
 from fate_ray.runtime.worker import GpuWorker, worker_name
 from fate_ray.spec.cluster import ClusterSpec
@@ -31,6 +32,7 @@ class RunConfig:
     out_dir: Path = Path("results/run")
     timeout_s: float = 600.0
     seed: int = 0
+    fail_stages: frozenset[str] = frozenset()  # SimEngine fault injection (tests)
 
 
 def connect(cluster: ClusterSpec) -> None:
@@ -47,7 +49,7 @@ def start_actors(cluster: ClusterSpec, cfg: RunConfig, name_suffix: str = ""):
     """One GpuWorker per device and the planner (`fate-planner`, plus `name_suffix` when several runs share a
     cluster); returns the planner handle and the workers by device id."""
     workers = {d.device_id: GpuWorker.options(name=worker_name(d.device_id) + name_suffix).remote(
-        cluster, d.device_id, cfg.engine, cfg.time_scale) for d in cluster.devices}
+        cluster, d.device_id, cfg.engine, cfg.time_scale, cfg.fail_stages) for d in cluster.devices}
     ray.get([w.ping.remote() for w in workers.values()])
     planner = PlannerActor.options(name=PLANNER_NAME + name_suffix).remote(cluster, cfg.policy, workers, cfg.seed,
                                                                            cfg.time_scale)
@@ -86,8 +88,10 @@ def run_workflows(cluster: ClusterSpec, workflows: Sequence[Workflow], cfg: RunC
 
 def write_results(planner, ids: list[str], progress: list[dict], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
+    all_shards = []
     for wid in ids:
         res = ray.get(planner.results.remote(wid))
+        all_shards += res["shards"]
         with open(out_dir / f"{wid.replace('/', '_')}.jsonl", "w") as fh:
             for shard in sorted(res["shards"], key=lambda s: s["started_s"]):
                 for pos, index in enumerate(shard["request_indices"]):
@@ -99,6 +103,7 @@ def write_results(planner, ids: list[str], progress: list[dict], out_dir: Path) 
     summary = {"workflows": progress, "stats": ray.get(planner.stats.remote()),
                "failed": [p["workflow"] for p in progress if p["state"] != "done"]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_gantt(all_shards, out_dir / "gantt.png", f"fate-ray run: {len(ids)} workflow(s)")
     return summary
 
 

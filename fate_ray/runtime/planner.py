@@ -235,8 +235,9 @@ class PlannerActor:
         except Exception as exc:  # noqa: BLE001 -- an engine error fails the shard; the Controller decides on retry
             record.status = "failed"
             self.metrics.shards.inc(1, {"outcome": "failed"})
+            cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the engine's own exception
             await self._handle(ShardFailed(cmd.shard.shard_id, cmd.device_id, self._now_s(),
-                                           f"{exc.__class__.__name__}: {exc}".splitlines()[0]))
+                                           f"{cause.__class__.__name__}: {cause}".splitlines()[0]))
             return
         record.status = "done"
         record.started_s, record.ended_s = result.started_s, result.ended_s

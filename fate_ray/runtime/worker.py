@@ -19,11 +19,11 @@ class GpuWorker:
     """Async actor: shards run concurrently on its event loop (the engine batches them)."""
 
     def __init__(self, cluster: ClusterSpec, device_id: str, engine: str = "sim",
-                 time_scale: float = DEFAULT_TIME_SCALE):
+                 time_scale: float = DEFAULT_TIME_SCALE, fail_stages: frozenset[str] = frozenset()):
         if engine != "sim":
             raise ValueError(f"unknown engine {engine!r}; this version ships 'sim' (vLLM comes next)")
         self.device_id = device_id
-        self.engine = SimEngine(cluster, device_id, time_scale)
+        self.engine = SimEngine(cluster, device_id, time_scale, fail_stages=fail_stages)
 
     async def run_shard(self, cmd: Dispatch) -> ShardResult:
         return await self.engine.run_shard(cmd)
