@@ -129,6 +129,33 @@ def test_a_stage_that_always_fails_fails_its_workflow_and_the_others_finish(clus
     assert summary["failed"] == ["multiturn-chain"]
 
 
+def test_the_runtime_makes_the_simulators_assignments(ray_cluster, cluster, tmp_path):
+    """Same policy, same workload, deterministic durations: the Ray runtime with SimEngine places every stage on
+    the device the simulator does, in the same order. The workload is a chain (plus one side stage), so no two
+    finishes race in wall time; stages dispatched in one round are compared as a set."""
+    from fate_ray.sim.simulator import SimConfig, simulate
+    from fate_ray.sim.truth import NoiseModel
+
+    wfs = examples(cluster, ["multiturn_chain"])
+    sim = simulate(cluster, wfs, "fate", SimConfig(seed=0, phase_sigma=0.0, output_sigma=0.0), record_trace=True)
+    expected = sorted((r["start_s"], r["stage"], r["device"]) for r in sim.trace_rows())
+    cfg = RunConfig(policy="fate", time_scale=0.005, out_dir=tmp_path, noise=NoiseModel(0, 0.0, 0.0))
+    planner, workers = start_actors(cluster, cfg, name_suffix=f"-t{next(_suffix)}")
+    try:
+        summary = run_workflows(cluster, wfs, cfg, planner=planner)
+        assert summary["failed"] == []
+        shards = ray.get(planner.results.remote("multiturn-chain"))["shards"]
+        got = {(s["stage_id"], s["device_id"]) for s in shards}
+        assert got == {(stage, device) for _, stage, device in expected}
+        assert len(shards) == len(expected)
+        by_dispatch = [s["stage_id"] for s in sorted(shards, key=lambda s: s["dispatched_s"])]
+        chain = [stage for stage in by_dispatch if stage.startswith("turn")]
+        assert chain == [stage for _, stage, _ in expected if stage.startswith("turn")]
+    finally:
+        for handle in [planner, *workers.values()]:
+            ray.kill(handle)
+
+
 def test_bad_input_fails_with_the_validation_message_and_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nstages:\n  - id: a\n    model: llama3.1-8b\n    after: [b]\n"

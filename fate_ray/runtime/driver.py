@@ -20,6 +20,7 @@ from fate_ray.engines.sim_engine import DEFAULT_TIME_SCALE
 from fate_ray.runtime.gantt import plot_gantt
 from fate_ray.runtime.planner import PLANNER_NAME, PlannerActor
 from fate_ray.runtime.worker import GpuWorker, worker_name
+from fate_ray.sim.truth import NoiseModel
 from fate_ray.spec.cluster import ClusterSpec
 from fate_ray.workload import Workflow
 
@@ -33,6 +34,7 @@ class RunConfig:
     timeout_s: float = 600.0
     seed: int = 0
     fail_stages: frozenset[str] = frozenset()  # SimEngine fault injection (tests)
+    noise: NoiseModel | None = None  # SimEngine's noise; None = the simulator's defaults
 
 
 def connect(cluster: ClusterSpec) -> None:
@@ -49,7 +51,7 @@ def start_actors(cluster: ClusterSpec, cfg: RunConfig, name_suffix: str = ""):
     """One GpuWorker per device and the planner (`fate-planner`, plus `name_suffix` when several runs share a
     cluster); returns the planner handle and the workers by device id."""
     workers = {d.device_id: GpuWorker.options(name=worker_name(d.device_id) + name_suffix).remote(
-        cluster, d.device_id, cfg.engine, cfg.time_scale, cfg.fail_stages) for d in cluster.devices}
+        cluster, d.device_id, cfg.engine, cfg.time_scale, cfg.fail_stages, cfg.noise) for d in cluster.devices}
     ray.get([w.ping.remote() for w in workers.values()])
     planner = PlannerActor.options(name=PLANNER_NAME + name_suffix).remote(cluster, cfg.policy, workers, cfg.seed,
                                                                            cfg.time_scale)

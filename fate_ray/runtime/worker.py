@@ -7,6 +7,7 @@ import ray
 from fate_ray.engines.base import EngineReport, ShardResult
 from fate_ray.engines.sim_engine import DEFAULT_TIME_SCALE, SimEngine
 from fate_ray.events import Dispatch, LoadModel
+from fate_ray.sim.truth import NoiseModel
 from fate_ray.spec.cluster import ClusterSpec
 
 
@@ -19,11 +20,12 @@ class GpuWorker:
     """Async actor: shards run concurrently on its event loop (the engine batches them)."""
 
     def __init__(self, cluster: ClusterSpec, device_id: str, engine: str = "sim",
-                 time_scale: float = DEFAULT_TIME_SCALE, fail_stages: frozenset[str] = frozenset()):
+                 time_scale: float = DEFAULT_TIME_SCALE, fail_stages: frozenset[str] = frozenset(),
+                 noise: NoiseModel | None = None):
         if engine != "sim":
             raise ValueError(f"unknown engine {engine!r}; this version ships 'sim' (vLLM comes next)")
         self.device_id = device_id
-        self.engine = SimEngine(cluster, device_id, time_scale, fail_stages=fail_stages)
+        self.engine = SimEngine(cluster, device_id, time_scale, noise, fail_stages)
 
     async def run_shard(self, cmd: Dispatch) -> ShardResult:
         return await self.engine.run_shard(cmd)
