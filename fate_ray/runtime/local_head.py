@@ -72,7 +72,9 @@ def start_local_head(num_gpus: int, num_cpus: int = 2, gcs_port: int = 6390, das
     cmd = [str(ray_bin), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}",
            f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--dashboard-host={LOOPBACK}",
            f"--dashboard-port={dashboard_port}", f"--metrics-export-port={metrics_port}", f"--temp-dir={temp_dir}",
-           "--disable-usage-stats"]
+           # NOTE: the dashboard agent's port is fixed (52365) by default: a second Ray on the machine (a test's
+           # local cluster, another head) would take it and this head's job agent would never register.
+           f"--dashboard-agent-listen-port={52365 + dashboard_port - 8265 + 100}", "--disable-usage-stats"]
     with open(log_path, "w") as log:
         process = subprocess.Popen(cmd, env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = LocalHead(temp_dir, gcs_port, dashboard_port, metrics_port, process, log_path)
