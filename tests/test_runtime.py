@@ -87,6 +87,18 @@ def test_two_submissions_of_one_workflow_share_the_cluster(cluster, actors, tmp_
     assert {p["workflow"] for p in summary["workflows"]} == {"multiturn-chain", "multiturn-chain-2"}
 
 
+def test_a_workflow_submitted_while_another_runs_shares_the_planner(cluster, actors):
+    _, planner, _ = actors
+    first = ray.get(planner.submit.remote(examples(cluster, ["mapreduce_summary"])))
+    deadline = time.monotonic() + 60
+    while not any(p["running_shards"] for p in ray.get(planner.progress.remote())):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    second = ray.get(planner.submit.remote(examples(cluster, ["router_specialists"])))
+    status = ray.get(planner.wait.remote(first + second, 120))
+    assert [status[w]["state"] for w in first + second] == ["done", "done"]
+
+
 def test_a_worker_killed_mid_shard_loses_no_output(cluster, actors, tmp_path):
     cfg, planner, workers = actors
     wfs = examples(cluster, ["mapreduce_summary"])
