@@ -13,22 +13,29 @@ _MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 250, 500, 1000, 5000]
 
 
 class PlannerMetrics:
-    def __init__(self) -> None:
+    """Every series carries a `planner` tag (the actor's name), so planners sharing a cluster stay apart."""
+
+    def __init__(self, planner: str) -> None:
         self.stage_latency_s = Histogram("fate_stage_latency_s", "Ready to last output of a stage (engine s).",
-                                         _SECONDS, ("model",))
+                                         _SECONDS, ("model", "planner"))
         self.workflow_latency_s = Histogram("fate_workflow_latency_s", "Submission to completion of a workflow "
-                                            "(engine s).", _SECONDS, ("outcome",))
-        self.queue_wait_s = Histogram("fate_queue_wait_s", "Stage ready to shard dispatch (engine s).", _SECONDS)
+                                            "(engine s).", _SECONDS, ("outcome", "planner"))
+        self.queue_wait_s = Histogram("fate_queue_wait_s", "Stage ready to shard dispatch (engine s).", _SECONDS,
+                                      ("planner",))
         self.plan_latency_ms = Histogram("fate_plan_latency_ms", "Wall time of one planning round.", _MS,
-                                         ("policy",))
-        self.frontier_size = Gauge("fate_frontier_size", "Stages planned in the last round.", ("policy",))
+                                         ("policy", "planner"))
+        self.frontier_size = Gauge("fate_frontier_size", "Stages planned in the last round.",
+                                   ("policy", "planner"))
         self.solver_status = Counter("fate_solver_status_total", "Planning rounds by solver status.",
-                                     ("policy", "status"))
+                                     ("policy", "status", "planner"))
         self.model_events = Counter("fate_model_events_total", "Model loads, wakes and evictions.",
-                                    ("device", "kind"))
+                                    ("device", "kind", "planner"))
         self.prefix_hit_tokens = Counter("fate_prefix_hit_tokens_total", "Prompt tokens served from prefix caches.",
-                                         ("device",))
+                                         ("device", "planner"))
         self.prefix_query_tokens = Counter("fate_prefix_query_tokens_total", "Prompt tokens of finished shards.",
-                                           ("device",))
-        self.shards = Counter("fate_shards_total", "Shards by outcome.", ("outcome",))
-        self.device_busy = Gauge("fate_device_busy_ratio", "Running shards / concurrency, per device.", ("device",))
+                                           ("device", "planner"))
+        self.shards = Counter("fate_shards_total", "Shards by outcome.", ("outcome", "planner"))
+        self.device_busy = Gauge("fate_device_busy_ratio", "Running shards / concurrency, per device.",
+                                 ("device", "planner"))
+        for metric in vars(self).values():
+            metric.set_default_tags({"planner": planner})

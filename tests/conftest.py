@@ -92,3 +92,24 @@ def mixed_cluster() -> ClusterSpec:
 @pytest.fixture(scope="session")
 def example_workflows(mixed_cluster) -> list[Workflow]:
     return [load_workflow(path, mixed_cluster)[1] for path in EXAMPLE_FILES]
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One real Ray head on loopback for the whole session (its own temp dir and ports, 8 fake GPUs: enough for
+    the default cluster), shared by the runtime, `ray job submit` and metrics tests."""
+    from fate_ray.runtime.local_head import start_local_head
+
+    head = start_local_head(num_gpus=8, gcs_port=6391, dashboard_port=8266, metrics_port=8081)
+    yield head
+    head.stop()
+
+
+@pytest.fixture
+def ray_client(ray_head):
+    """This test process connected to the session's head (and disconnected afterwards)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_head.gcs_address, log_to_driver=False)
+    yield ray_head

@@ -10,18 +10,14 @@ from pathlib import Path
 import pytest
 
 from fate_ray.runtime.job import actor_names, submit_run
-from fate_ray.runtime.local_head import start_local_head
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CLUSTER = "workflows/clusters/local.yaml"
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    # Ports apart from the defaults, so a developer's own head on 8265 is not disturbed.
-    h = start_local_head(num_gpus=2, gcs_port=6391, dashboard_port=8266, metrics_port=8081)
-    yield h
-    h.stop()
+@pytest.fixture
+def head(ray_head):
+    return ray_head
 
 
 def test_a_submitted_workflow_runs_and_the_dashboard_names_its_actors(head, tmp_path):

@@ -13,10 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import ray
 
 from fate_ray.runtime.driver import RunConfig, run_workflows, start_actors
-from fate_ray.runtime.local_head import start_local_head
 from fate_ray.spec.cluster import load_cluster
 from fate_ray.spec.workflow import load_workflow
 
@@ -28,10 +26,8 @@ pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
 
 
 @pytest.fixture(scope="module")
-def head():
-    h = start_local_head(num_gpus=2, gcs_port=6392, dashboard_port=8267, metrics_port=8082)
-    yield h
-    h.stop()
+def head(ray_head):
+    return ray_head
 
 
 @pytest.fixture(scope="module")
@@ -58,36 +54,32 @@ def query(prom: str, expr: str) -> list:
         return []
 
 
-def test_prometheus_scrapes_the_planner_metrics(head, prometheus, monkeypatch, tmp_path):
-    for key, value in head.env().items():
-        if key.startswith("RAY_"):
-            monkeypatch.setenv(key, value)
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address=head.gcs_address, log_to_driver=False)
-    try:
-        cluster = load_cluster(ROOT / "workflows" / "clusters" / "local.yaml")
-        cfg = RunConfig(out_dir=tmp_path, time_scale=0.01)
-        planner, _ = start_actors(cluster, cfg, name_suffix="-metrics")
-        wfs = [load_workflow(ROOT / "workflows" / f"{n}.yaml", cluster)[1] for n in ("rag_rerank", "self_consistency")]
-        summary = run_workflows(cluster, wfs, cfg, planner=planner)
-        assert summary["failed"] == []
-        shards = summary["stats"]["shards_dispatched"]
-        wanted = {
-            "ray_fate_shards_total": lambda r: sum(float(x["value"][1]) for x in r) >= shards,
-            "ray_fate_plan_latency_ms_count": lambda r: sum(float(x["value"][1]) for x in r) >= 1,
-            "ray_fate_workflow_latency_s_count": lambda r: sum(float(x["value"][1]) for x in r) >= 2,
-            "ray_fate_prefix_query_tokens_total": lambda r: sum(float(x["value"][1]) for x in r) > 0,
-            "ray_fate_model_events_total": lambda r: any(x["metric"].get("kind") == "load" for x in r),
-            "ray_fate_device_busy_ratio": lambda r: len(r) >= 2,
-        }
-        deadline = time.monotonic() + 90
-        missing = dict(wanted)
-        while missing and time.monotonic() < deadline:
-            for name, ok in list(missing.items()):
-                if ok(query(prometheus, name)):
-                    del missing[name]
-            time.sleep(2)
-        assert not missing, f"not scraped (or wrong values) after 90 s: {sorted(missing)}"
-    finally:
-        ray.shutdown()
+def test_prometheus_scrapes_the_planner_metrics(ray_client, prometheus, tmp_path):
+    """A run on the session head, then its `ray_fate_*` series read back from Prometheus."""
+    cluster = load_cluster(ROOT / "workflows" / "clusters" / "local.yaml")
+    cfg = RunConfig(out_dir=tmp_path, time_scale=0.01)
+    planner, _ = start_actors(cluster, cfg, name_suffix="-metrics")
+    wfs = [load_workflow(ROOT / "workflows" / f"{n}.yaml", cluster)[1] for n in ("rag_rerank", "self_consistency")]
+    summary = run_workflows(cluster, wfs, cfg, planner=planner)
+    assert summary["failed"] == []
+    shards = summary["stats"]["shards_dispatched"]
+    mine = '{planner="fate-planner-metrics"}'  # the session's head also holds other tests' planners
+    wanted = {
+        "ray_fate_shards_total" + mine: lambda r: sum(float(x["value"][1]) for x in r) >= shards,
+        "ray_fate_plan_latency_ms_count" + mine: lambda r: sum(float(x["value"][1]) for x in r) >= 1,
+        "ray_fate_workflow_latency_s_count" + mine: lambda r: sum(float(x["value"][1]) for x in r) >= 2,
+        "ray_fate_prefix_query_tokens_total" + mine: lambda r: sum(float(x["value"][1]) for x in r) > 0,
+        "ray_fate_model_events_total" + mine: lambda r: any(x["metric"].get("kind") == "load" for x in r),
+        "ray_fate_device_busy_ratio" + mine: lambda r: len(r) >= 2,
+    }
+    deadline = time.monotonic() + 90
+    missing = dict(wanted)
+    while missing and time.monotonic() < deadline:
+        for name, ok in list(missing.items()):
+            if ok(query(prometheus, name)):
+                del missing[name]
+        time.sleep(2)
+    assert not missing, f"not scraped (or wrong values) after 90 s: {sorted(missing)}"
+    # And the values are this run's: exactly its shards, all finished.
+    done = query(prometheus, 'ray_fate_shards_total{planner="fate-planner-metrics",outcome="done"}')
+    assert sum(float(x["value"][1]) for x in done) == shards

@@ -28,12 +28,9 @@ def cluster():
     return load_cluster(CLUSTER_FILE)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(cluster):
-    ray.init(address="local", num_cpus=2, num_gpus=len(cluster.devices), include_dashboard=False,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
+@pytest.fixture
+def ray_cluster(ray_client):
+    return ray_client
 
 
 @pytest.fixture

@@ -53,8 +53,8 @@ def start_actors(cluster: ClusterSpec, cfg: RunConfig, name_suffix: str = ""):
     workers = {d.device_id: GpuWorker.options(name=worker_name(d.device_id) + name_suffix).remote(
         cluster, d.device_id, cfg.engine, cfg.time_scale, cfg.fail_stages, cfg.noise) for d in cluster.devices}
     ray.get([w.ping.remote() for w in workers.values()])
-    planner = PlannerActor.options(name=PLANNER_NAME + name_suffix).remote(cluster, cfg.policy, workers, cfg.seed,
-                                                                           cfg.time_scale)
+    name = PLANNER_NAME + name_suffix
+    planner = PlannerActor.options(name=name).remote(cluster, cfg.policy, workers, cfg.seed, cfg.time_scale, name)
     return planner, workers
 
 

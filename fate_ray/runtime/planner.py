@@ -63,12 +63,13 @@ class WorkflowRecord:
 
 @ray.remote(num_cpus=0)
 class PlannerActor:
-    def __init__(self, cluster: ClusterSpec, policy: str, workers: dict, seed: int = 0, time_scale: float = 1.0):
+    def __init__(self, cluster: ClusterSpec, policy: str, workers: dict, seed: int = 0, time_scale: float = 1.0,
+                 name: str = PLANNER_NAME):
         estimator = CostEstimator(cluster, Calibration())
         self.timer = PlanTimer(make_policy(policy, PolicyContext(cluster, estimator, seed)))
         self.controller = Controller(cluster, self.timer, estimator)
         self.policy_name = policy
-        self.metrics = PlannerMetrics()
+        self.metrics = PlannerMetrics(name)
         self._stages_timed: set[tuple[str, str]] = set()
         self._gauge_task: asyncio.Task | None = None
         self.workers = dict(workers)  # device id -> actor handle
