@@ -298,9 +298,8 @@ class Controller:
             stage.pending.difference_update(indices)
             placed.setdefault(a.stage, set()).update(indices)
             shard = self._make_shard(run, a.stage[1], indices)
-            reqs = [RequestShape(sum(s.tokens for s in p), h, shard.expected_output_tokens)
-                    for p, h in zip(shard.prompts, shard.block_hashes)]
-            est = self.estimator.shard_cost(shard.model, dev.state.device.type, reqs, snapshot.device(a.device_id))
+            est = self.estimator.shard_cost(shard.model, dev.state.device.type, shard.request_shapes(),
+                                            snapshot.device(a.device_id))
             dev.queue.append((shard, est.service_s))
         for key, ready in frontier.items():
             missing = set(ready.request_indices) - placed.get(key, set())
@@ -355,9 +354,7 @@ class Controller:
         act = dev.state.plan_activation(shard.model)
         others = len(dev.running)
         other_requests = sum(len(r.shard.request_indices) for r in dev.running.values())
-        reqs = [RequestShape(sum(s.tokens for s in p), h, shard.expected_output_tokens)
-                for p, h in zip(shard.prompts, shard.block_hashes)]
-        est = self.estimator.shard_cost(shard.model, dev.state.device.type, reqs, dev.state,
+        est = self.estimator.shard_cost(shard.model, dev.state.device.type, shard.request_shapes(), dev.state,
                                         other_shards=others, other_requests=other_requests)
         dev.state.activate(shard.model, self.now_s, act.evict)
         dev.state.shard_started(shard.model)
@@ -383,13 +380,13 @@ class Controller:
         for device_id, dev in self.devices.items():
             assert len(dev.running) <= dev.concurrency, f"{device_id} runs more shards than its concurrency"
             assert dev.state.used_gib() <= dev.state.memory_gib + 1e-6, f"{device_id} holds more models than fit"
+        queued = {(s.workflow_id, s.stage_id, i) for d in self.devices.values() for s, _ in d.queue
+                  for i in s.request_indices}
+        running = {(r.shard.workflow_id, r.shard.stage_id, i) for r in self.running.values()
+                   for i in r.shard.request_indices}
         for wid, run in self.workflows.items():
             if run.failed:
                 continue
-            queued = {(s.workflow_id, s.stage_id, i) for d in self.devices.values() for s, _ in d.queue
-                      for i in s.request_indices}
-            running = {(r.shard.workflow_id, r.shard.stage_id, i) for r in self.running.values()
-                       for i in r.shard.request_indices}
             for sid, stage in run.stages.items():
                 if not stage.prompts:
                     continue

@@ -5,9 +5,10 @@ Times are seconds on the caller's clock (virtual in the simulator, wall clock in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from fate_ray.cost import RequestShape
 from fate_ray.state import Activation, Residency
 from fate_ray.workload import Segment, Workflow
 
@@ -38,6 +39,11 @@ class Shard:
     @property
     def prompt_tokens(self) -> tuple[int, ...]:
         return tuple(sum(s.tokens for s in p) for p in self.prompts)
+
+    def request_shapes(self, output_tokens: Sequence[int] | None = None) -> list[RequestShape]:
+        """The requests as the estimator sees them: expected output lengths unless true ones are given."""
+        outs = output_tokens or [self.expected_output_tokens] * len(self.prompts)
+        return [RequestShape(t, h, o) for t, h, o in zip(self.prompt_tokens, self.block_hashes, outs)]
 
 
 # -- events ------------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ class ShardRecord:
     model: str
     request_indices: tuple[int, ...]
     dispatched_s: float
+    prompt_tokens: int = 0
     started_s: float = 0.0
     ended_s: float = 0.0
     outputs: tuple[str, ...] = ()
@@ -80,7 +81,6 @@ class PlannerActor:
         self.workflows: dict[str, WorkflowRecord] = {}
         self.shards: dict[str, ShardRecord] = {}
         self.tasks: set[asyncio.Task] = set()
-        self._prompt_tokens: dict[str, tuple[int, ...]] = {}
 
     def _now_s(self) -> float:
         return (time.monotonic() - self.t0) / self.time_scale
@@ -172,7 +172,7 @@ class PlannerActor:
         run = self.controller.workflows.get(record.workflow_id) if record else None
         if record is None or run is None:
             return
-        prompt = sum(t for t in self._prompt_tokens.pop(event.shard_id, ()))
+        prompt = record.prompt_tokens
         if prompt:  # NOTE: Ray counters refuse an increment of 0
             self.metrics.prefix_query_tokens.inc(prompt, {"device": event.device_id})
         if event.cached_tokens:
@@ -196,10 +196,9 @@ class PlannerActor:
     def _execute(self, cmd) -> None:
         if isinstance(cmd, Dispatch):
             self._record_dispatch(cmd)
-            self._prompt_tokens[cmd.shard.shard_id] = cmd.shard.prompt_tokens
             self.shards[cmd.shard.shard_id] = ShardRecord(
                 cmd.shard.workflow_id, cmd.shard.stage_id, cmd.device_id, cmd.shard.model,
-                cmd.shard.request_indices, time.time())
+                cmd.shard.request_indices, time.time(), sum(cmd.shard.prompt_tokens))
             self._spawn(self._run_shard(cmd))
         elif isinstance(cmd, LoadModel):
             self._record_model_events(cmd.device_id, cmd.activation, cmd.evict)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from fate_ray.cost import CostEstimator, RequestShape
+from fate_ray.cost import CostEstimator
 from fate_ray.events import Dispatch, LoadModel, Shard
 from fate_ray.spec.cluster import ClusterSpec, Device
 from fate_ray.state import Activation, DeviceState, block_hashes
@@ -81,7 +81,7 @@ class ModelledDevice:
         shard = cmd.shard
         outs = tuple(self.noise.output_tokens(shard.workflow_id, shard.stage_id, i, shard.expected_output_tokens,
                                               shard.max_tokens) for i in shard.request_indices)
-        reqs = [RequestShape(sum(s.tokens for s in p), h, o) for p, h, o in zip(shard.prompts, shard.block_hashes, outs)]
+        reqs = shard.request_shapes(outs)
         cost = self.estimator.shard_cost(shard.model, self.state.device.type, reqs, self.state,
                                          other_shards=len(self.running), other_requests=sum(self.running.values()))
         noise_key = (shard.workflow_id, shard.stage_id, shard.request_indices[0], cmd.device_id, shard.attempt)
