@@ -13,8 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fate_ray.spec.cluster import ClusterSpec, default_cluster_path, load_cluster
-from fate_ray.spec.errors import Problem, SpecError
+from fate_ray.schema.cluster import ClusterSpec, default_cluster_path, load_cluster
+from fate_ray.schema.errors import InputError, Problem
 
 EXIT_USAGE = 2
 
@@ -28,19 +28,19 @@ def make_console() -> Console:
 def _cluster(path: str | None) -> ClusterSpec:
     p = Path(path) if path else default_cluster_path()
     if not p.exists():
-        raise SpecError([Problem(str(p), 1, "cluster file not found; pass --cluster FILE")])
+        raise InputError([Problem(str(p), 1, "cluster file not found; pass --cluster FILE")])
     return load_cluster(p)
 
 
 def cmd_validate(args) -> int:
-    from fate_ray.spec.workflow import load_workflow
+    from fate_ray.schema.workflow import load_workflow
 
     cluster = _cluster(args.cluster)
     problems: list[str] = []
     for f in args.files:
         try:
             _, wf = load_workflow(f, cluster)
-        except SpecError as exc:
+        except InputError as exc:
             problems += [str(p) for p in exc.problems]
             continue
         requests = sum(s.num_requests for s in wf.stages.values())
@@ -52,15 +52,13 @@ def cmd_validate(args) -> int:
 
 def cmd_simulate(args) -> int:
     from fate_ray.cost import CostEstimator
-    from fate_ray.policies import make_policy  # noqa: F401  (validates the name below)
-    from fate_ray.policies.registry import policy_names
+    from fate_ray.policies import check_policy_names
+    from fate_ray.schema.workflow import load_workflow
     from fate_ray.sim.arrivals import arrivals
     from fate_ray.sim.simulator import SimConfig, simulate
-    from fate_ray.spec.workflow import load_workflow
 
     cluster = _cluster(args.cluster)
-    if args.policy not in policy_names():
-        raise ValueError(f"unknown policy {args.policy!r}; known: {', '.join(policy_names())}")
+    check_policy_names([args.policy])
     workflows = [load_workflow(f, cluster)[1] for f in args.files] * args.copies
     instances = arrivals(workflows, args.arrival, CostEstimator(cluster), args.seed, args.utilisation)
     res = simulate(cluster, instances, args.policy, SimConfig(seed=args.seed), record_trace=bool(args.trace))
@@ -79,14 +77,11 @@ def cmd_simulate(args) -> int:
 
 def cmd_bench(args) -> int:
     from fate_ray.bench import run_suite
-    from fate_ray.policies import BASELINES
-    from fate_ray.policies.registry import policy_names
+    from fate_ray.policies import BASELINES, check_policy_names
 
     cluster = _cluster(args.cluster)
     policies = args.policies.split(",") if args.policies else ["fate", *BASELINES]
-    unknown = [p for p in policies if p not in policy_names()]
-    if unknown:
-        raise ValueError(f"unknown policy {unknown[0]!r}; known: {', '.join(policy_names())}")
+    check_policy_names(policies)
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
     out = Path(args.out or f"results/{args.suite}")
@@ -108,12 +103,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from fate_ray.policies.registry import policy_names
-    from fate_ray.spec.workflow import load_workflow
+    from fate_ray.policies import check_policy_names
+    from fate_ray.schema.workflow import load_workflow
 
     cluster = _cluster(args.cluster)
-    if args.policy not in policy_names():
-        raise ValueError(f"unknown policy {args.policy!r}; known: {', '.join(policy_names())}")
+    check_policy_names([args.policy])
     workflows = [load_workflow(f, cluster)[1] for f in args.files]  # validate everything before touching Ray
     from fate_ray.runtime.driver import RunConfig, connect, run_workflows
 
@@ -231,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SpecError as exc:
+    except InputError as exc:
         for p in exc.problems:
             print(p, file=sys.stderr)
         return EXIT_USAGE

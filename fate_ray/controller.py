@@ -14,7 +14,9 @@ output is recorded once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 from fate_ray.cost import CostEstimator, RequestShape, decode_seconds
 from fate_ray.events import (
@@ -25,16 +27,19 @@ from fate_ray.events import (
     Shard,
     ShardFailed,
     ShardFinished,
+    StageDone,
     WorkerLost,
     WorkerStateReported,
     WorkflowDone,
+    WorkflowReleased,
     WorkflowSubmitted,
 )
-from fate_ray.policies.base import Plan, Policy, ReadyStage
+from fate_ray.policies.base import Plan, PlanContractError, Policy, ReadyStage
 from fate_ray.progress import DagInfo, WorkflowRun
-from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.state import ClusterSnapshot, DeviceState, snapshot_device
-from fate_ray.workload import ContextPart, OutputPart, TextPart, Workflow
+from fate_ray.status import ControllerStats, ControllerStatus, DeviceStatus, WorkflowStatus, stage_outputs
+from fate_ray.workload import Workflow, expected_prompt_tokens
 
 
 @dataclass
@@ -42,6 +47,17 @@ class _Running:
     shard: Shard
     device_id: str
     end_estimate_s: float
+    # NOTE: the run itself, not its id: once a finished run is released, its id may be submitted again while a
+    # shard of the old run (of a failed workflow) still runs, and that shard must not feed the new run.
+    run: WorkflowRun
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedShard:
+    """A shard waiting in a device's queue, with the service time estimated when it was placed there."""
+
+    shard: Shard
+    service_estimate_s: float
 
 
 @dataclass
@@ -49,18 +65,8 @@ class DeviceQueue:
     state: DeviceState
     concurrency: int
     alive: bool = True
-    queue: list[tuple[Shard, float]] = field(default_factory=list)  # (shard, estimated service s)
+    queue: list[QueuedShard] = field(default_factory=list)
     running: dict[str, _Running] = field(default_factory=dict)
-
-
-@dataclass
-class ControllerStats:
-    planning_rounds: int = 0
-    shards_dispatched: int = 0
-    duplicate_finishes: int = 0
-    retries: int = 0
-    prefetches: int = 0
-    solver_status: dict[str, int] = field(default_factory=dict)
 
 
 class Controller:
@@ -81,6 +87,7 @@ class Controller:
         self._shard_seq = 0
         self._attempts: dict[tuple[str, str], int] = {}  # next attempt number of a stage's retried requests
         self._dags: dict[int, DagInfo] = {}  # by id(workflow.stages): instances of one DAG share that mapping
+        self._dag_users: dict[int, int] = {}  # workflows not yet released, per DAG
 
     # -- the one entry point ----------------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Command]:
@@ -96,6 +103,8 @@ class Controller:
             self._lost(event.device_id)
         elif isinstance(event, WorkerStateReported):
             self._reported(event)
+        elif isinstance(event, WorkflowReleased):
+            self._release_workflow(event.workflow_id)
         else:
             raise TypeError(f"unknown event {type(event).__name__}")
         if self.frontier:
@@ -112,6 +121,7 @@ class Controller:
             prompts = expected_prompt_tokens(workflow)
             dag = DagInfo(workflow.stages, workflow.children(), prompts, self._upward_ranks(workflow, prompts))
             self._dags[id(workflow.stages)] = dag
+        self._dag_users[id(workflow.stages)] = self._dag_users.get(id(workflow.stages), 0) + 1
         run = WorkflowRun(workflow, dag, self.cluster.block_tokens)
         self.workflows[workflow.workflow_id] = run
         for sid in run.initially_ready():
@@ -132,8 +142,8 @@ class Controller:
         dev = self.devices[ev.device_id]
         del dev.running[ev.shard_id]
         dev.state.shard_ended(shard.model, ev.now_s)
-        run = self.workflows[shard.workflow_id]
-        if run.failed:
+        run = running.run
+        if not self._is_current(run):
             return []
         node = dev.state.device.node
         for pos, index in enumerate(shard.request_indices):
@@ -158,44 +168,45 @@ class Controller:
                 self.estimator.calibration.observe(shard.model, dev.state.device.type, phase, measured, raw[phase])
 
     def _maybe_complete(self, run: WorkflowRun, stage_id: str) -> list[Command]:
-        if not run.stages[stage_id].done:
+        stage = run.stages[stage_id]
+        if not stage.done:
             return []
+        out: list[Command] = [StageDone(run.workflow_id, stage_id, stage.stage.model, stage.ready_s, self.now_s)]
         for child in run.complete(stage_id):
             self._make_ready(run, child)
         if run.remaining == 0:
-            return [WorkflowDone(run.workflow_id, self.now_s, ok=True)]
-        return []
+            out.append(WorkflowDone(run.workflow_id, self.now_s, ok=True, arrival_s=run.workflow.arrival_s))
+        return out
 
     def _failed(self, ev: ShardFailed) -> list[Command]:
         running = self.running.get(ev.shard_id)
         if running is None or running.device_id != ev.device_id:
             return []
         self._release(running)
-        shard = running.shard
-        run = self.workflows[shard.workflow_id]
-        if run.failed:
+        shard, run = running.shard, running.run
+        if not self._is_current(run):
             return []
         if ev.retryable and shard.attempt < self.max_attempts:
-            self._requeue(shard)
+            self._requeue(shard, run)
             return []
         return self._fail_workflow(run, f"stage {shard.stage_id!r} failed after {shard.attempt} attempt(s): "
                                         f"{ev.reason}")
 
     def _fail_workflow(self, run: WorkflowRun, reason: str) -> list[Command]:
-        run.failed = reason
+        run.failure_reason = reason
         for dev in self.devices.values():
-            dev.queue = [(s, e) for s, e in dev.queue if s.workflow_id != run.workflow_id]
+            dev.queue = [q for q in dev.queue if q.shard.workflow_id != run.workflow_id]
         self.frontier = {k for k in self.frontier if k[0] != run.workflow_id}
-        return [WorkflowDone(run.workflow_id, self.now_s, ok=False, error=reason)]
+        return [WorkflowDone(run.workflow_id, self.now_s, ok=False, error=reason, arrival_s=run.workflow.arrival_s)]
 
     def _lost(self, device_id: str) -> None:
         dev = self.devices[device_id]
         dev.alive = False
         for running in list(dev.running.values()):
             self._release(running)
-            self._requeue(running.shard)
-        for shard, _ in dev.queue:
-            self._requeue(shard, count_attempt=False)
+            self._requeue(running.shard, running.run)
+        for queued in dev.queue:  # queued shards always belong to their id's current run
+            self._requeue(queued.shard, self.workflows[queued.shard.workflow_id], count_attempt=False)
         dev.queue.clear()
         dev.state = DeviceState.empty(self.cluster, dev.state.device)
 
@@ -205,10 +216,13 @@ class Controller:
         if dev.running.pop(running.shard.shard_id, None) is not None:
             dev.state.shard_ended(running.shard.model, self.now_s)
 
-    def _requeue(self, shard: Shard, count_attempt: bool = True) -> None:
+    def _is_current(self, run: WorkflowRun) -> bool:
+        """The run is still running and still the one its id names (not failed, not released)."""
+        return not run.failed and self.workflows.get(run.workflow_id) is run
+
+    def _requeue(self, shard: Shard, run: WorkflowRun, count_attempt: bool = True) -> None:
         """Put a shard's requests back on the frontier (a retry, or its device went away)."""
-        run = self.workflows[shard.workflow_id]
-        if run.failed:
+        if not self._is_current(run):
             return
         stage = run.stages[shard.stage_id]
         stage.pending.update(i for i in shard.request_indices if i not in stage.output_tokens)
@@ -221,14 +235,43 @@ class Controller:
         dev = self.devices[ev.device_id]
         dev.state.replace(ev.residency, ev.blocks)
 
+    def _release_workflow(self, workflow_id: str) -> None:
+        """Forget a finished workflow, and its DAG once no other workflow uses it. Shards of a failed workflow
+        still running are dropped when they end (their workflow is gone)."""
+        run = self.workflows.get(workflow_id)
+        if run is None or (run.remaining and not run.failed):
+            return  # unknown, or still running: nothing is ever lost by a release that comes too early
+        del self.workflows[workflow_id]
+        for sid in run.stages:
+            self._attempts.pop((workflow_id, sid), None)
+        dag_id = id(run.workflow.stages)
+        self._dag_users[dag_id] -= 1
+        if not self._dag_users[dag_id]:
+            del self._dag_users[dag_id]
+            del self._dags[dag_id]
+
+    # -- the one read method for shells ------------------------------------------------------------------------------
+    def status(self, outputs_of: Collection[str] = ()) -> ControllerStatus:
+        """A frozen picture of the Controller for shells that run `handle` in another thread: take it under the
+        same lock as `handle`. `outputs_of`: workflows whose recorded outputs to include."""
+        workflows = {wid: WorkflowStatus(wid, sum(1 for st in run.stages.values() if st.done), len(run.stages),
+                                         run.remaining == 0, run.failure_reason)
+                     for wid, run in self.workflows.items()}
+        devices = tuple(DeviceStatus(device_id, dev.alive, len(dev.running), dev.concurrency, len(dev.queue),
+                                     tuple(sorted(m for m, r in dev.state.residency.items() if r == "ACTIVE")))
+                        for device_id, dev in self.devices.items())
+        outputs = {wid: stage_outputs(self.workflows[wid]) for wid in outputs_of if wid in self.workflows}
+        return ControllerStatus(self.now_s, MappingProxyType(workflows), devices, MappingProxyType(outputs),
+                                replace(self.stats, solver_status=dict(self.stats.solver_status)))
+
     # -- planning ---------------------------------------------------------------------------------------------------
     def snapshot(self) -> ClusterSnapshot:
         return ClusterSnapshot(self.now_s, tuple(self._device_snapshot(dev) for dev in self.devices.values()))
 
     def _device_snapshot(self, dev: DeviceQueue):
         backlog_s = sum(max(0.0, r.end_estimate_s - self.now_s) for r in dev.running.values())
-        backlog_s += sum(est for _, est in dev.queue)
-        requests = sum(len(s.request_indices) for s, _ in dev.queue)
+        backlog_s += sum(q.service_estimate_s for q in dev.queue)
+        requests = sum(len(q.shard.request_indices) for q in dev.queue)
         requests += sum(len(r.shard.request_indices) for r in dev.running.values())
         return snapshot_device(dev.state, dev.concurrency, dev.alive, self.now_s + backlog_s / dev.concurrency,
                                len(dev.running), requests)
@@ -288,8 +331,8 @@ class Controller:
             ready = frontier.get(a.stage)
             dev = self.devices.get(a.device_id)
             if ready is None or dev is None or not dev.alive or not self.cluster.fits(ready.model, dev.state.device.type):
-                raise ValueError(f"policy {self.policy.name!r} placed {a.stage} on {a.device_id!r}, which is not a "
-                                 "live device that fits its model")
+                raise PlanContractError(f"policy {self.policy.name!r} placed {a.stage} on {a.device_id!r}, which is "
+                                        "not a live device that fits its model")
             run = self.workflows[a.stage[0]]
             stage = run.stages[a.stage[1]]
             indices = tuple(i for i in a.request_indices if i in stage.pending)
@@ -300,17 +343,18 @@ class Controller:
             shard = self._make_shard(run, a.stage[1], indices)
             est = self.estimator.shard_cost(shard.model, dev.state.device.type, shard.request_shapes(),
                                             snapshot.device(a.device_id))
-            dev.queue.append((shard, est.service_s))
+            dev.queue.append(QueuedShard(shard, est.service_s))
         for key, ready in frontier.items():
             missing = set(ready.request_indices) - placed.get(key, set())
             if missing:
-                raise ValueError(f"policy {self.policy.name!r} left {len(missing)} request(s) of {key} unplaced")
+                raise PlanContractError(f"policy {self.policy.name!r} left {len(missing)} request(s) of {key} "
+                                        "unplaced")
         if self.policy.queue_order == "rank":
             for dev in self.devices.values():
-                dev.queue.sort(key=lambda item: (-item[0].rank_s, item[0].arrival_s))
+                dev.queue.sort(key=lambda q: (-q.shard.rank_s, q.shard.arrival_s))
         elif self.policy.queue_order == "arrival":
             for dev in self.devices.values():
-                dev.queue.sort(key=lambda item: (item[0].arrival_s, -item[0].rank_s))
+                dev.queue.sort(key=lambda q: (q.shard.arrival_s, -q.shard.rank_s))
 
     def _make_shard(self, run: WorkflowRun, stage_id: str, indices: tuple[int, ...]) -> Shard:
         self._shard_seq += 1
@@ -322,6 +366,7 @@ class Controller:
             prompts=tuple(stage.prompts[i] for i in indices), block_hashes=tuple(stage.hashes[i] for i in indices),
             expected_output_tokens=stage.stage.expected_output_tokens, max_tokens=stage.stage.max_tokens,
             rank_s=stage.rank_s, arrival_s=run.workflow.arrival_s, attempt=self._attempts.get(key, 1),
+            ready_s=stage.ready_s,
         )
 
     # -- dispatch ---------------------------------------------------------------------------------------------------
@@ -332,21 +377,21 @@ class Controller:
                 pick = self._next_startable(dev)
                 if pick is None:
                     break
-                shard, _ = dev.queue.pop(pick)
-                out.append(self._dispatch(device_id, dev, shard))
+                out.append(self._dispatch(device_id, dev, dev.queue.pop(pick).shard))
         return out
 
     def _next_startable(self, dev: DeviceQueue) -> int | None:
         """The queue head if its model can be made resident now, else the first shard whose model already is.
 
         NOTE: skipping ahead only to resident models keeps the device busy while the head waits for memory held
-        by busy models, and cannot starve the head: resident models' shards finish and free that memory.
+        by busy models. It can starve the head while shards of a resident model keep arriving, each before the last
+        one ends (a known gap, pinned by an xfail test in tests/test_controller.py).
         """
-        head = dev.queue[0][0]
+        head = dev.queue[0].shard
         if dev.state.plan_activation(head.model).feasible:
             return 0
-        for i, (shard, _) in enumerate(dev.queue):
-            if dev.state.state_of(shard.model) == "ACTIVE":
+        for i, queued in enumerate(dev.queue):
+            if dev.state.state_of(queued.shard.model) == "ACTIVE":
                 return i
         return None
 
@@ -358,7 +403,7 @@ class Controller:
                                         other_shards=others, other_requests=other_requests)
         dev.state.activate(shard.model, self.now_s, act.evict)
         dev.state.shard_started(shard.model)
-        running = _Running(shard, device_id, self.now_s + est.service_s)
+        running = _Running(shard, device_id, self.now_s + est.service_s, self.workflows[shard.workflow_id])
         dev.running[shard.shard_id] = running
         self.running[shard.shard_id] = running
         self.stats.shards_dispatched += 1
@@ -380,8 +425,8 @@ class Controller:
         for device_id, dev in self.devices.items():
             assert len(dev.running) <= dev.concurrency, f"{device_id} runs more shards than its concurrency"
             assert dev.state.used_gib() <= dev.state.memory_gib + 1e-6, f"{device_id} holds more models than fit"
-        queued = {(s.workflow_id, s.stage_id, i) for d in self.devices.values() for s, _ in d.queue
-                  for i in s.request_indices}
+        queued = {(q.shard.workflow_id, q.shard.stage_id, i) for d in self.devices.values() for q in d.queue
+                  for i in q.shard.request_indices}
         running = {(r.shard.workflow_id, r.shard.stage_id, i) for r in self.running.values()
                    for i in r.shard.request_indices}
         for wid, run in self.workflows.items():
@@ -399,25 +444,3 @@ class Controller:
     def unfinished(self) -> list[str]:
         return [wid for wid, run in self.workflows.items() if run.remaining and not run.failed]
 
-
-def expected_prompt_tokens(workflow: Workflow) -> dict[str, list[int]]:
-    """Prompt sizes per request with parents' outputs at their expected length (for ranks and bounds)."""
-    out: dict[str, list[int]] = {}
-    for sid in workflow.order:
-        st = workflow.stages[sid]
-        sizes = []
-        for parts in st.prompts:
-            n = 0
-            for part in parts:
-                if isinstance(part, TextPart):
-                    n += part.tokens
-                elif isinstance(part, OutputPart):
-                    parent = workflow.stages[part.parent]
-                    k = parent.num_requests if part.item is None else 1
-                    n += k * parent.expected_output_tokens
-                elif isinstance(part, ContextPart):
-                    parent = workflow.stages[part.parent]
-                    n += out[part.parent][part.item] + parent.expected_output_tokens
-            sizes.append(n)
-        out[sid] = sizes
-    return out

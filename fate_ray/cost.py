@@ -6,7 +6,7 @@
       prefill:    (prompt tokens - tokens covered by d's cached prefix blocks) / prefill rate,
                   slowed by the shards already running on d (prefill is compute-bound, so they share it)
       decode:     sum over decode steps of step_ms(batch running at that step); a step costs nearly the same at
-                  batch 1 and 32 (memory-bound, CALIBRATION.md), so batching is almost free
+                  batch 1 and 32 (memory-bound, docs/calibration.md), so batching is almost free
     finish = max(now, free_at_d) + service
 
 The same function is the simulator's "true" model (with true output lengths and lognormal noise on top), so the
@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from fate_ray.spec.cluster import ClusterSpec, ModelProfile
-from fate_ray.state import Activation, PrefixCache, Residency, prefix_match
+from fate_ray.schema.cluster import ClusterSpec, ModelProfile
+from fate_ray.state import Activation, PrefixCache, Residency, activation_for, prefix_match
 
 PHASES = ("activation", "prefill", "decode")
 TEXT_BYTES_PER_TOKEN = 4
@@ -65,6 +65,16 @@ class DeviceView(Protocol):
     def state_of(self, model: str) -> Residency: ...
 
 
+def activation_seconds(profile: ModelProfile, kind: Activation) -> float:
+    """Uncalibrated time before a shard can run: 0 if resident, the wake time, or the cold load time."""
+    return 0.0 if kind == "resident" else profile.wake_s if kind == "wake" else profile.load_s
+
+
+def transfer_seconds(cluster: ClusterSpec, input_bytes_by_node: Mapping[str, int], node: str) -> float:
+    """Time to pull the inputs held on other nodes to `node`, one link's bandwidth per source node."""
+    return sum(b / (cluster.link_gbps(n, node) * 1e9) for n, b in input_bytes_by_node.items() if n != node)
+
+
 def decode_seconds(profile: ModelProfile, output_tokens: Sequence[int], other_requests: int = 0) -> float:
     """Continuous batching: while k requests of the shard still decode, each step runs at batch k + others."""
     outs = sorted(output_tokens, reverse=True)
@@ -92,7 +102,8 @@ def cached_tokens_in_batch(cache: PrefixCache | None, requests: Sequence[Request
 
 
 class Calibration:
-    """Per (model, device type, phase) EWMA of measured / estimated; 1.0 until something was measured."""
+    """Per (model, device type, phase) a bounded-step median tracker of measured / estimated, in log space; 1.0
+    until something was measured."""
 
     def __init__(self, step: float = 0.05, enabled: bool = True):
         self.step = step
@@ -157,17 +168,14 @@ class CostEstimator:
         prof = self.profile(model, device_type)
         cal = self.calibration
         state = device.state_of(model) if device is not None else "ACTIVE"
-        activation: Activation = "resident" if state == "ACTIVE" else "wake" if state == "SLEEPING" else "load"
-        activation_s = 0.0 if activation == "resident" else prof.wake_s if activation == "wake" else prof.load_s
+        activation = activation_for(state)
+        activation_s = activation_seconds(prof, activation)
         cache = device.caches.get(model) if device is not None and state == "ACTIVE" else None
         prompt = sum(r.prompt_tokens for r in requests)
         cached = min(prompt, cached_tokens_in_batch(cache, requests, self.block_tokens)) if device else 0
         prefill_s = (prompt - cached) / prof.prefill_tok_s * (1 + other_shards)
         decode_s = decode_seconds(prof, [r.output_tokens for r in requests], other_requests)
-        transfer_s = 0.0
-        if input_bytes_by_node:
-            transfer_s = sum(b / (self.cluster.link_gbps(n, node) * 1e9)
-                             for n, b in input_bytes_by_node.items() if n != node)
+        transfer_s = transfer_seconds(self.cluster, input_bytes_by_node, node) if input_bytes_by_node else 0.0
         return ShardCost(
             activation=activation,
             activation_s=activation_s * cal.factor(model, device_type, "activation"),
@@ -177,6 +185,11 @@ class CostEstimator:
             prompt_tokens=prompt,
             cached_tokens=cached,
         )
+
+    def activation_s(self, model: str, device_type: str, state: Residency) -> float:
+        """Calibrated time to make `model`, now in `state`, ACTIVE on a device of `device_type`."""
+        raw = activation_seconds(self.profile(model, device_type), activation_for(state))
+        return raw * self.calibration.factor(model, device_type, "activation") if raw else 0.0
 
     def best_service_s(self, model: str, requests: Sequence[RequestShape]) -> float:
         """Fastest stateless service time over the device types that fit the model (for ranks and bounds)."""

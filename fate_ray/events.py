@@ -31,6 +31,7 @@ class Shard:
     rank_s: float  # upward rank: the longest remaining path from this stage, estimated
     arrival_s: float  # of its workflow
     attempt: int = 1
+    ready_s: float = 0.0  # when the stage became ready (Controller clock): queue wait = dispatch - ready_s
 
     @property
     def stage_key(self) -> StageKey:
@@ -88,7 +89,15 @@ class WorkerLost:
     reason: str = "worker died"
 
 
-Event = WorkflowSubmitted | ShardFinished | ShardFailed | WorkerStateReported | WorkerLost
+@dataclass(frozen=True, slots=True)
+class WorkflowReleased:
+    """The shell has written a finished workflow's results: the Controller may forget it (bounded memory)."""
+
+    workflow_id: str
+    now_s: float
+
+
+Event = WorkflowSubmitted | ShardFinished | ShardFailed | WorkerStateReported | WorkerLost | WorkflowReleased
 
 
 # -- commands ----------------------------------------------------------------------------------------------------
@@ -115,11 +124,23 @@ class LoadModel:
 
 
 @dataclass(frozen=True, slots=True)
+class StageDone:
+    """Every request of a stage has its output (for the shell's metrics; nothing to execute)."""
+
+    workflow_id: str
+    stage_id: str
+    model: str
+    ready_s: float
+    now_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class WorkflowDone:
     workflow_id: str
     now_s: float
     ok: bool
     error: str = ""
+    arrival_s: float = 0.0
 
 
-Command = Dispatch | LoadModel | WorkflowDone
+Command = Dispatch | LoadModel | StageDone | WorkflowDone

@@ -57,7 +57,11 @@ class WorkflowRun:
         self.children = dag.children
         self.stages = {sid: StageRun(st, dag.ranks_s[sid], len(st.parents)) for sid, st in workflow.stages.items()}
         self.remaining = len(self.stages)
-        self.failed = ""
+        self.failure_reason = ""  # why the workflow failed; empty while it has not
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failure_reason)
 
     @property
     def workflow_id(self) -> str:

@@ -17,11 +17,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from fate_ray.spec.cluster import ClusterSpec, Device, ModelSpec
+from fate_ray.schema.cluster import ClusterSpec, Device, ModelSpec
 from fate_ray.workload import Segment
 
 Residency = Literal["ACTIVE", "SLEEPING", "ABSENT"]
 Activation = Literal["resident", "wake", "load"]
+
+
+def activation_for(state: Residency) -> Activation:
+    """What making a model ACTIVE costs, by its residency: nothing, a wake from sleep, or a cold load."""
+    return "resident" if state == "ACTIVE" else "wake" if state == "SLEEPING" else "load"
 
 
 def block_hashes(segments: Sequence[Segment], block_tokens: int) -> tuple[int, ...]:
@@ -165,10 +170,9 @@ class ActivationPlan:
 def plan_activation(model: str, residency: Mapping[str, Residency], busy: Container[str],
                     last_used_s: Mapping[str, float], memory_gib: float, models: Mapping[str, ModelSpec]) -> ActivationPlan:
     """How `model` would become ACTIVE: evict idle ACTIVE models, least recently used first (pure)."""
-    state = residency.get(model, "ABSENT")
-    if state == "ACTIVE":
+    kind = activation_for(residency.get(model, "ABSENT"))
+    if kind == "resident":
         return ActivationPlan("resident", (), True)
-    kind: Activation = "wake" if state == "SLEEPING" else "load"
     free = memory_gib - sum(models[m].footprint_gib for m, r in residency.items() if r == "ACTIVE")
     need = models[model].footprint_gib
     evict: list[str] = []
@@ -225,8 +229,7 @@ class DeviceState:
         """Make `model` ACTIVE after evicting `evict`; returns what it cost (resident, wake or load)."""
         for m in evict:
             self.deactivate(m)
-        state = self.state_of(model)
-        kind: Activation = "resident" if state == "ACTIVE" else "wake" if state == "SLEEPING" else "load"
+        kind = activation_for(self.state_of(model))
         if kind != "resident":
             self.residency[model] = "ACTIVE"
             spec = self.cluster.models[model]

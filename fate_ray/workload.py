@@ -1,6 +1,6 @@
 """The compiled workload the scheduler works on: workflows of stages whose prompts are symbolic token segments.
 
-A workflow YAML (spec/workflow.py) or a real-trace importer compiles to a `Workflow`. Prompts are kept symbolic
+A workflow YAML (schema/workflow.py) or a real-trace importer compiles to a `Workflow`. Prompts are kept symbolic
 because the tokens of a parent's output are only known once the parent has run: a request's prompt is a tuple of
 parts (fixed text, a parent's output, a parent's whole context) that the Controller resolves to concrete
 `Segment`s when the stage becomes ready, and so always before it is placed.
@@ -13,9 +13,17 @@ hashes would.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+CHARS_PER_TOKEN = 4  # the usual English average for BPE tokenizers; used only where no tokenizer counted
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens of `text` when no tokenizer is at hand: at least one, CHARS_PER_TOKEN characters each."""
+    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
 
 
 def stable_key(*parts: object) -> int:
@@ -77,7 +85,7 @@ class Stage:
     max_tokens: int
     shardable: bool = True
     continues: str | None = None
-    # For real engines: what is needed to render the prompt text (see spec/templates.py).
+    # For real engines: what is needed to render the prompt text (see schema/templates.py).
     prefix_text: str = ""
     template: str = ""
     map_source: str | None = None
@@ -110,3 +118,26 @@ class Workflow:
     @property
     def models(self) -> frozenset[str]:
         return frozenset(s.model for s in self.stages.values())
+
+
+def expected_prompt_tokens(workflow: Workflow) -> dict[str, list[int]]:
+    """Prompt sizes per request with parents' outputs at their expected length (for ranks and bounds)."""
+    out: dict[str, list[int]] = {}
+    for sid in workflow.order:
+        st = workflow.stages[sid]
+        sizes = []
+        for parts in st.prompts:
+            n = 0
+            for part in parts:
+                if isinstance(part, TextPart):
+                    n += part.tokens
+                elif isinstance(part, OutputPart):
+                    parent = workflow.stages[part.parent]
+                    k = parent.num_requests if part.item is None else 1
+                    n += k * parent.expected_output_tokens
+                elif isinstance(part, ContextPart):
+                    parent = workflow.stages[part.parent]
+                    n += out[part.parent][part.item] + parent.expected_output_tokens
+            sizes.append(n)
+        out[sid] = sizes
+    return out

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import os
 
-# Every process that talks to a loopback Ray head needs these before Ray is imported (ENVIRONMENT.md): without the
-# first, Ray rewrites 127.0.0.1 to the machine's external address and connections hang; the heads the tests start
+# Every process that talks to a loopback Ray head needs these before Ray is imported (docs/environment.md):
+# without the first, Ray rewrites 127.0.0.1 to the machine's external address and connections hang; the heads the tests start
 # run without token authentication.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -35,8 +35,8 @@ from typing import Any
 
 import pytest
 
-from fate_ray.spec.cluster import ClusterSpec, load_cluster
-from fate_ray.spec.workflow import load_workflow
+from fate_ray.schema.cluster import ClusterSpec, load_cluster
+from fate_ray.schema.workflow import load_workflow
 from fate_ray.workload import Workflow
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fate_ray.spec.cluster import ClusterSpec, load_cluster
-from fate_ray.spec.errors import SpecError
-from fate_ray.spec.workflow import load_workflow
+from fate_ray.schema.cluster import ClusterSpec, load_cluster
+from fate_ray.schema.errors import InputError
+from fate_ray.schema.workflow import load_workflow
 from fate_ray.workload import ContextPart, OutputPart, Workflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,8 +170,8 @@ def _line_of(text: str, needle: str, start: int = 1) -> int:
     raise AssertionError(f"{needle!r} not found after line {start}")
 
 
-def _spec_error(path: Path, cluster: ClusterSpec) -> SpecError:
-    with pytest.raises(SpecError) as info:
+def _spec_error(path: Path, cluster: ClusterSpec) -> InputError:
+    with pytest.raises(InputError) as info:
         load_workflow(path, cluster)
     err = info.value
     lines = str(err).splitlines()
@@ -182,7 +182,7 @@ def _spec_error(path: Path, cluster: ClusterSpec) -> SpecError:
     return err
 
 
-def _only(err: SpecError):
+def _only(err: InputError):
     assert len(err.problems) == 1, str(err)
     return err.problems[0]
 

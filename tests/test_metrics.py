@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from fate_ray.runtime.driver import RunConfig, run_workflows, start_actors
-from fate_ray.spec.cluster import load_cluster
-from fate_ray.spec.workflow import load_workflow
+from fate_ray.schema.cluster import load_cluster
+from fate_ray.schema.workflow import load_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_PORT = 9491

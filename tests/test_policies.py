@@ -7,15 +7,18 @@ device (1.0 s prefill + 10 x 10 ms) and 2.15 s on a slow one (2.0 s + 10 x 15 ms
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import MappingProxyType
 
 import pytest
 
 from fate_ray.cost import CostEstimator, RequestShape
-from fate_ray.policies import BASELINES, Plan, PolicyContext, ReadyStage, make_policy
+from fate_ray.policies import BASELINES, Plan, Policy, PolicyContext, ReadyStage, make_policy
+from fate_ray.policies.base import PlanContractError
 from fate_ray.state import ClusterSnapshot, DeviceSnapshot, PrefixCache, block_hashes
 from fate_ray.workload import Segment
 
+ROOT = Path(__file__).resolve().parents[1]
 G0, G1, S2, S3 = "n1/gpu0", "n1/gpu1", "n2/gpu2", "n2/gpu3"
 
 
@@ -69,6 +72,32 @@ def test_unknown_policy_names_the_known_ones(tiny_cluster):
         policy(tiny_cluster, "nope")
     for name in BASELINES:
         assert name in str(err.value)
+
+
+@pytest.fixture
+def contract_breaker():
+    """A registered policy that leaves every request unplaced (a bug), removed again after the test."""
+    from fate_ray.policies import registry
+
+    class LeavesAllUnplaced(Policy):
+        name = "test-leaves-all-unplaced"
+
+        def plan(self, snapshot, frontier):
+            return Plan(())
+
+    registry.register(LeavesAllUnplaced)
+    yield LeavesAllUnplaced.name
+    registry._REGISTRY.pop(LeavesAllUnplaced.name)
+
+
+def test_a_policy_that_breaks_the_plan_contract_is_a_bug_not_a_user_error(contract_breaker, monkeypatch):
+    """`fate-ray simulate` lets the PlanContractError through (traceback, exit 1) instead of printing
+    `error: ...` and exiting 2 as for a typo in YAML."""
+    from fate_ray.cli import main
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(PlanContractError, match="left 1 request"):
+        main(["simulate", "workflows/multiturn_chain.yaml", "--policy", contract_breaker])
 
 
 @pytest.mark.parametrize("name", BASELINES)

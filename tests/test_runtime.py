@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from fate_ray.runtime.driver import RunConfig, run_workflows, start_actors
-from fate_ray.spec.cluster import load_cluster
-from fate_ray.spec.workflow import load_workflow
+from fate_ray.runtime.driver import RunConfig, read_requests, run_workflows, start_actors
+from fate_ray.schema.cluster import load_cluster
+from fate_ray.schema.workflow import load_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_FILE = ROOT / "workflows" / "clusters" / "mixed-h100-l4.yaml"
@@ -142,8 +142,8 @@ def test_the_runtime_makes_the_simulators_assignments(ray_cluster, cluster, tmp_
     """Same policy, same workload, deterministic durations: the Ray runtime with SimEngine places every stage on
     the device the simulator does, in the same order. The workload is a chain (plus one side stage), so no two
     finishes race in wall time; stages dispatched in one round are compared as a set."""
+    from fate_ray.engines.modelled_device import NoiseModel
     from fate_ray.sim.simulator import SimConfig, simulate
-    from fate_ray.sim.truth import NoiseModel
 
     wfs = examples(cluster, ["multiturn_chain"])
     sim = simulate(cluster, wfs, "fate", SimConfig(seed=0, phase_sigma=0.0, output_sigma=0.0), record_trace=True)
@@ -153,11 +153,11 @@ def test_the_runtime_makes_the_simulators_assignments(ray_cluster, cluster, tmp_
     try:
         summary = run_workflows(cluster, wfs, cfg, planner=planner)
         assert summary["failed"] == []
-        shards = ray.get(planner.results.remote("multiturn-chain"))["shards"]
-        got = {(s["stage_id"], s["device_id"]) for s in shards}
+        shards = list({row["shard"]: row for row in read_requests(tmp_path, "multiturn-chain")}.values())
+        got = {(s["stage"], s["device"]) for s in shards}
         assert got == {(stage, device) for _, stage, device in expected}
         assert len(shards) == len(expected)
-        by_dispatch = [s["stage_id"] for s in sorted(shards, key=lambda s: s["dispatched_s"])]
+        by_dispatch = [s["stage"] for s in sorted(shards, key=lambda s: s["dispatched_s"])]
         chain = [stage for stage in by_dispatch if stage.startswith("turn")]
         assert chain == [stage for _, stage, _ in expected if stage.startswith("turn")]
     finally:

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fate_ray.bench.instances import suite_instances
 from fate_ray.bench.report import print_report, write_outputs
 from fate_ray.bench.runner import NORMALISER, aggregate, run_jobs, throughput
-from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.schema.cluster import ClusterSpec
 
 
 def run_suite(suite: str, cluster: ClusterSpec, policies: Sequence[str], seeds: int, out_dir: Path,

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fate_ray.cost import CostEstimator
+from fate_ray.schema.cluster import ClusterSpec
+from fate_ray.schema.errors import InputError, Problem
 from fate_ray.sim.arrivals import ArrivalMode, arrivals
 from fate_ray.sim.workloads import SHAPES, SHARING_RATIOS, make_workflow
-from fate_ray.spec.cluster import ClusterSpec
-from fate_ray.spec.errors import Problem, SpecError
 from fate_ray.workload import Workflow
 
 SUITES = ("smoke", "real-dag", "prefix-reuse")
@@ -46,11 +46,11 @@ def examples_dir() -> Path:
 
 
 def smoke_instances(cluster: ClusterSpec, files: Sequence[Path] | None = None) -> list[Instance]:
-    from fate_ray.spec.workflow import load_workflow
+    from fate_ray.schema.workflow import load_workflow
 
     files = files or sorted(examples_dir().glob("*.yaml"))
     if not files:
-        raise SpecError([Problem(str(examples_dir()), 1, "no example workflows found; pass --dags or run from a "
+        raise InputError([Problem(str(examples_dir()), 1, "no example workflows found; pass --dags or run from a "
                                  "source checkout")])
     wfs = [load_workflow(f, cluster)[1] for f in files]
     return [Instance("examples-mixed", tuple(wfs) * 2),
@@ -59,14 +59,15 @@ def smoke_instances(cluster: ClusterSpec, files: Sequence[Path] | None = None) -
 
 def real_dag_instances(paths: Sequence[str], cluster: ClusterSpec, copies: int = 6,
                        alibaba_jobs_per_instance: int = 10) -> list[Instance]:
-    from fate_ray.spec.importers import load_dags
+    from fate_ray.traces import load_dags
 
     if not paths:
-        raise SpecError([Problem("--dags", 1, "the real-dag suite needs --dags PATH (WfFormat JSON or Alibaba CSV "
+        raise InputError([Problem("--dags", 1, "the real-dag suite needs --dags PATH (WfFormat JSON or Alibaba CSV "
                                  "files or folders, e.g. ../shared/realdags/wfcommons)")])
-    from fate_ray.spec.importers import load_mooncake
+    from fate_ray.traces import load_mooncake
+    from fate_ray.traces.common import catalog_models_of
 
-    catalog = {name: m.params_b for name, m in cluster.models.items() if cluster.devices_for(name)}
+    catalog = catalog_models_of(cluster)
     traces = [p for p in paths if _is_mooncake(Path(p))]
     workflows = load_dags([p for p in paths if p not in traces], 0, catalog) if len(traces) < len(paths) else []
     singles = [w for w in workflows if not w.source.endswith(".csv")]

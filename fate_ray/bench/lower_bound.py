@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fate_ray.controller import expected_prompt_tokens
 from fate_ray.cost import CostEstimator, RequestShape
 from fate_ray.sim.arrivals import best_case_work_s
-from fate_ray.workload import Workflow
+from fate_ray.workload import Workflow, expected_prompt_tokens
 
 
 def min_load_s(model: str, estimator: CostEstimator) -> float:

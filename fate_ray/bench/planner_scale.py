@@ -22,8 +22,8 @@ from fate_ray.cost import CostEstimator, RequestShape
 from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.policies.base import ReadyStage
 from fate_ray.progress import DagInfo
+from fate_ray.schema.cluster import ClusterSpec, DeviceGroup, Node
 from fate_ray.sim.simulator import percentile
-from fate_ray.spec.cluster import ClusterSpec, DeviceGroup, Node
 from fate_ray.state import ClusterSnapshot, DeviceSnapshot
 from fate_ray.workload import Stage, TextPart, stable_key
 

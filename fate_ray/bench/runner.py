@@ -2,7 +2,7 @@
 
 Each job is one (instance, seed, policy) simulation. Every policy of a (instance, seed) pair sees the same arrival
 times, output lengths and noise (sim/truth.py draws them from (seed, what runs)). Normalised figures divide by
-RoundRobin on the same instance and seed and aggregate with the geometric mean (FATE.md, "How we measure").
+RoundRobin on the same instance and seed and aggregate with the geometric mean (docs/benchmarking.md).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from fate_ray.bench.instances import Instance
 from fate_ray.bench.lower_bound import lower_bound_s
 from fate_ray.cost import CostEstimator
+from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.sim.simulator import SimConfig, percentile, simulate
-from fate_ray.spec.cluster import ClusterSpec
 
 NORMALISER = "round_robin"
 
@@ -99,7 +99,9 @@ def geomean(values: Sequence[float]) -> float:
 def aggregate(results: Sequence[JobResult], policies: Sequence[str]) -> dict:
     """The results.json `policies` mapping (and `by_group` when instances are grouped)."""
     rows = [r.row for r in results]
-    base = {(r["instance"], r["seed"]): r for r in rows if r["policy"] == NORMALISER}
+    # Only complete baseline runs normalise: a partial one would compare a different workload (or divide by 0).
+    base = {(r["instance"], r["seed"]): r for r in rows
+            if r["policy"] == NORMALISER and r["completed"] == r["workflows"]}
     summary = {p: _summarise([r for r in results if r.row["policy"] == p], base) for p in policies}
     groups = sorted({r["group"] for r in rows if r["group"]})
     by_group = {g: {p: _summarise([r for r in results if r.row["policy"] == p and r.row["group"] == g], base)

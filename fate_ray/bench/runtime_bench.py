@@ -15,10 +15,10 @@ import ray
 from rich.console import Console
 
 from fate_ray.bench.instances import examples_dir
-from fate_ray.runtime.driver import RunConfig, connect, run_workflows, start_actors
+from fate_ray.runtime.driver import RunConfig, connect, read_requests, run_workflows, start_actors
+from fate_ray.schema.cluster import ClusterSpec
+from fate_ray.schema.workflow import load_workflow
 from fate_ray.sim.simulator import percentile
-from fate_ray.spec.cluster import ClusterSpec
-from fate_ray.spec.workflow import load_workflow
 
 TIME_SCALE = 1e-4  # 10,000 modelled seconds per wall second: engine time almost vanishes
 
@@ -36,11 +36,10 @@ def run_runtime_bench(cluster: ClusterSpec, policies: list[str], out_dir: Path, 
         started = time.perf_counter()
         summary = run_workflows(cluster, workflows, cfg, planner=planner)
         wall_s = time.perf_counter() - started
-        shards = []
-        for wf in summary["workflows"]:
-            shards += ray.get(planner.results.remote(wf["workflow"]))["shards"]
-        overhead_ms = [(s["started_s"] - s["dispatched_s"]) * 1000 for s in shards]
-        span_s = max(s["ended_s"] for s in shards) - min(s["dispatched_s"] for s in shards)
+        shards = {row["shard"]: row for wf in summary["workflows"]
+                  for row in read_requests(cfg.out_dir, wf["workflow"])}.values()
+        overhead_ms = [(s["start_s"] - s["dispatched_s"]) * 1000 for s in shards]
+        span_s = max(s["end_s"] for s in shards) - min(s["dispatched_s"] for s in shards)
         row = {"workflows": len(workflows), "shards": len(shards), "failed": len(summary["failed"]),
                "dispatch_overhead_ms_p50": percentile(overhead_ms, 50),
                "dispatch_overhead_ms_p95": percentile(overhead_ms, 95),

@@ -1,4 +1,4 @@
-"""SimEngine: runs a shard by sleeping its modelled duration (sim/truth.py's ModelledDevice) x `time_scale`.
+"""SimEngine: runs a shard by sleeping its modelled duration (engines/modelled_device.py) x `time_scale`.
 
 It keeps the same device state a real engine would report (resident models, prefix blocks, memory) and returns
 deterministic placeholder text, so the Ray runtime can be exercised end to end without a GPU or a model.
@@ -11,9 +11,9 @@ import asyncio
 import time
 
 from fate_ray.engines.base import EngineReport, ShardResult
+from fate_ray.engines.modelled_device import ModelledDevice, NoiseModel
 from fate_ray.events import Dispatch, LoadModel
-from fate_ray.sim.truth import ModelledDevice, NoiseModel
-from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.schema.cluster import ClusterSpec
 
 DEFAULT_TIME_SCALE = 0.01  # 100 modelled seconds pass in one wall second: the shipped examples take seconds
 

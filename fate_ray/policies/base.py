@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 from fate_ray.cost import CostEstimator, RequestShape
 from fate_ray.events import StageKey
 from fate_ray.progress import DagInfo
-from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.state import ClusterSnapshot, DeviceSnapshot
 
 QueueOrder = Literal["fifo", "rank", "arrival"]  # arrival: oldest workflow first, then rank
@@ -59,6 +59,10 @@ class PolicyContext:
     cluster: ClusterSpec
     estimator: CostEstimator
     seed: int = 0
+
+
+class PlanContractError(RuntimeError):
+    """A policy returned a plan that breaks this interface's contract: a bug in the policy, not a user error."""
 
 
 class Policy(ABC):

@@ -13,8 +13,11 @@ already routed there (SGLang inserts a request's text into the tree when routing
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from fate_ray.policies.base import Plan, Policy, RoundLoad, group_assignments
 from fate_ray.policies.registry import register
+from fate_ray.state import prefix_match
 
 CACHE_THRESHOLD = 0.3
 BALANCE_ABS_THRESHOLD = 64
@@ -38,14 +41,8 @@ class PrefixAffinity(Policy):
                               and max(loads) > BALANCE_REL_THRESHOLD * min(loads))
                 best, best_ratio = None, 0.0
                 for d in devices:
-                    extra = routed.get((d.device.device_id, ready.model), set())
-                    cache = d.caches.get(ready.model)
-                    n = 0
-                    for h in req.block_hashes:
-                        if h in extra or (cache is not None and h in cache):
-                            n += 1
-                        else:
-                            break
+                    held = _Either(d.caches.get(ready.model, ()), routed.get((d.device.device_id, ready.model), ()))
+                    n = prefix_match(held, req.block_hashes)
                     ratio = n * block / max(1, req.prompt_tokens)
                     if ratio > best_ratio:
                         best, best_ratio = d, ratio
@@ -56,3 +53,16 @@ class PrefixAffinity(Policy):
                 routed.setdefault((dev_id, ready.model), set()).update(req.block_hashes)
                 choices.append((ready.key, dev_id, index))
         return Plan(group_assignments(choices))
+
+
+class _Either:
+    """Blocks held by either of two containers. The union of two prefix-closed sets (the device's cache, the
+    prompts routed there this round) is prefix-closed, so `prefix_match` may binary-search it."""
+
+    __slots__ = ("first", "second")
+
+    def __init__(self, first: Container[int], second: Container[int]):
+        self.first, self.second = first, second
+
+    def __contains__(self, block: object) -> bool:
+        return block in self.first or block in self.second

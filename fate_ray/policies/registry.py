@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from fate_ray.policies.base import Policy, PolicyContext
 
 _REGISTRY: dict[str, type[Policy]] = {}
@@ -37,10 +39,14 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_policy(name: str, ctx: PolicyContext) -> Policy:
+def check_policy_names(names: Iterable[str]) -> None:
+    """Raise ValueError naming the first unknown policy and every known one (before any work starts)."""
     _load_builtin()
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
-    return cls(ctx)
+    for name in names:
+        if name not in _REGISTRY:
+            raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+
+
+def make_policy(name: str, ctx: PolicyContext) -> Policy:
+    check_policy_names([name])
+    return _REGISTRY[name](ctx)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import ray
 
+from fate_ray.engines.modelled_device import NoiseModel
 from fate_ray.engines.sim_engine import DEFAULT_TIME_SCALE
 from fate_ray.runtime.gantt import plot_gantt
 from fate_ray.runtime.planner import PLANNER_NAME, PlannerActor
 from fate_ray.runtime.worker import GpuWorker, worker_name
-from fate_ray.sim.truth import NoiseModel
-from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.workload import Workflow
 
 
@@ -89,6 +89,8 @@ def run_workflows(cluster: ClusterSpec, workflows: Sequence[Workflow], cfg: RunC
 
 
 def write_results(planner, ids: list[str], progress: list[dict], out_dir: Path) -> dict:
+    """Write each workflow's requests (`<workflow>.jsonl`), `summary.json` and `gantt.png`, then release the
+    workflows from the planner, which forgets them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     all_shards = []
     for wid in ids:
@@ -98,14 +100,21 @@ def write_results(planner, ids: list[str], progress: list[dict], out_dir: Path) 
             for shard in sorted(res["shards"], key=lambda s: s["started_s"]):
                 for pos, index in enumerate(shard["request_indices"]):
                     fh.write(json.dumps({
-                        "workflow": wid, "stage": shard["stage_id"], "request": index, "device": shard["device_id"],
-                        "model": shard["model"], "start_s": shard["started_s"], "end_s": shard["ended_s"],
-                        "output_tokens": shard["output_tokens"][pos], "output": shard["outputs"][pos],
+                        "workflow": wid, "stage": shard["stage_id"], "request": index, "shard": shard["shard_id"],
+                        "device": shard["device_id"], "model": shard["model"],
+                        "dispatched_s": shard["dispatched_s"], "start_s": shard["started_s"],
+                        "end_s": shard["ended_s"], "output_tokens": shard["output_tokens"][pos],
+                        "output": shard["outputs"][pos],
                     }) + "\n")
     summary = {"workflows": progress, "stats": ray.get(planner.stats.remote()),
                "failed": [p["workflow"] for p in progress if p["state"] != "done"]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_gantt(all_shards, out_dir / "gantt.png", f"fate-ray run: {len(ids)} workflow(s)")
+    ray.get(planner.release.remote(ids))
     return summary
 
 
+def read_requests(out_dir: Path, workflow_id: str) -> list[dict]:
+    """The rows `write_results` wrote for one workflow: one per request, in start order."""
+    path = out_dir / f"{workflow_id.replace('/', '_')}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -5,6 +5,11 @@ in a worker thread (planning must not block the event loop), one at a time under
 back are executed with `.remote()` calls whose results are awaited, never `ray.get`. A worker that dies
 mid-shard surfaces as a RayActorError on that await: the Controller hears `WorkerLost` and re-plans the shard's
 requests elsewhere; a late reply from it is dropped by the Controller, so no output is lost or recorded twice.
+
+The actor never reads the Controller's internals: what it shows or measures comes from the commands `handle`
+returns and from `Controller.status()`, taken under the same lock as `handle`. Once the driver has written a
+workflow's results it calls `release`, and the Controller and this actor forget the workflow, so a long-lived
+planner's memory does not grow with its history.
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ from fate_ray.events import (
     LoadModel,
     ShardFailed,
     ShardFinished,
+    StageDone,
     WorkerLost,
     WorkflowDone,
+    WorkflowReleased,
     WorkflowSubmitted,
 )
 from fate_ray.metrics import PlannerMetrics
 from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.policies.base import PlanTimer
-from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.workload import Workflow
 
 PLANNER_NAME = "fate-planner"
@@ -40,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ShardRecord:
+    shard_id: str
     workflow_id: str
     stage_id: str
     device_id: str
@@ -51,7 +59,7 @@ class ShardRecord:
     ended_s: float = 0.0
     outputs: tuple[str, ...] = ()
     output_tokens: tuple[int, ...] = ()
-    status: str = "running"
+    status: str = "running"  # running, done, failed or lost
 
 
 @dataclass
@@ -71,7 +79,6 @@ class PlannerActor:
         self.controller = Controller(cluster, self.timer, estimator)
         self.policy_name = policy
         self.metrics = PlannerMetrics(name)
-        self._stages_timed: set[tuple[str, str]] = set()
         self._gauge_task: asyncio.Task | None = None
         self.workers = dict(workers)  # device id -> actor handle
         self.lock = asyncio.Lock()
@@ -99,14 +106,18 @@ class PlannerActor:
     async def wait(self, workflow_ids: list[str], timeout_s: float | None = None) -> dict[str, dict]:
         waits = [self.workflows[w].finished.wait() for w in workflow_ids]
         await asyncio.wait_for(asyncio.gather(*waits), timeout_s)
-        return {w: self.status(w) for w in workflow_ids}
+        status = await self._status()
+        return {w: self._progress_of(w, status) for w in workflow_ids}
 
-    def status(self, workflow_id: str) -> dict:
+    async def _status(self, outputs_of: tuple[str, ...] = ()):
+        async with self.lock:
+            return self.controller.status(outputs_of)
+
+    def _progress_of(self, workflow_id: str, status) -> dict:
         rec = self.workflows[workflow_id]
-        run = self.controller.workflows.get(workflow_id)
-        done_stages = sum(1 for s in run.stages.values() if s.done) if run else 0
+        wf = status.workflows.get(workflow_id)
         running = sum(1 for s in self.shards.values() if s.workflow_id == workflow_id and s.status == "running")
-        out = {"workflow": workflow_id, "stages_done": done_stages, "stages": len(run.stages) if run else 0,
+        out = {"workflow": workflow_id, "stages_done": wf.stages_done if wf else 0, "stages": wf.stages if wf else 0,
                "running_shards": running, "state": "running"}
         if rec.done is not None:
             out.update(state="done" if rec.done.ok else "failed", error=rec.done.error,
@@ -114,15 +125,27 @@ class PlannerActor:
         return out
 
     async def progress(self) -> list[dict]:
-        return [self.status(w) for w in self.workflows]
+        status = await self._status()
+        return [self._progress_of(w, status) for w in self.workflows]
 
     async def results(self, workflow_id: str) -> dict:
         """Every request's output and the shard that produced it, per stage."""
-        run = self.controller.workflows[workflow_id]
+        status = await self._status((workflow_id,))
         shards = [vars(s) for s in self.shards.values() if s.workflow_id == workflow_id and s.status == "done"]
         stages = {sid: {"outputs": dict(st.outputs), "output_tokens": dict(st.output_tokens)}
-                  for sid, st in run.stages.items()}
-        return {"stages": stages, "shards": shards, "failed": run.failed}
+                  for sid, st in status.outputs[workflow_id].items()}
+        return {"stages": stages, "shards": shards, "failed": status.workflows[workflow_id].failure_reason}
+
+    async def release(self, workflow_ids: list[str]) -> None:
+        """The driver has written these workflows' results: forget them here and in the Controller."""
+        for wid in workflow_ids:
+            rec = self.workflows.get(wid)
+            if rec is None or rec.done is None:
+                continue  # still running: its results are not written yet
+            await self._handle(WorkflowReleased(wid, self._now_s()))
+            del self.workflows[wid]
+            for shard_id in [k for k, s in self.shards.items() if s.workflow_id == wid and s.status != "running"]:
+                del self.shards[shard_id]
 
     async def running_devices(self) -> list[str]:
         """Devices with a shard running now, earliest dispatch first."""
@@ -130,7 +153,7 @@ class PlannerActor:
         return list(dict.fromkeys(s.device_id for s in running))
 
     async def stats(self) -> dict:
-        s = self.controller.stats
+        s = (await self._status()).stats
         return {"planning_rounds": s.planning_rounds, "shards_dispatched": s.shards_dispatched,
                 "duplicate_finishes": s.duplicate_finishes, "retries": s.retries, "prefetches": s.prefetches,
                 "solver_status": dict(s.solver_status)}
@@ -143,8 +166,8 @@ class PlannerActor:
             commands = await asyncio.to_thread(self.controller.handle, event)
             if len(self.timer.plan_ms) > rounds:
                 self._record_round()
-            if isinstance(event, ShardFinished):
-                self._record_finish(event)
+        if isinstance(event, ShardFinished):
+            self._record_finish(event)
         for cmd in commands:
             self._execute(cmd)
 
@@ -157,8 +180,7 @@ class PlannerActor:
         self.metrics.solver_status.inc(1, {**tags, "status": status or "NONE"})
 
     def _record_dispatch(self, cmd: Dispatch) -> None:
-        stage = self.controller.workflows[cmd.shard.workflow_id].stages[cmd.shard.stage_id]
-        self.metrics.queue_wait_s.observe(max(0.0, self._now_s() - stage.ready_s))
+        self.metrics.queue_wait_s.observe(max(0.0, self._now_s() - cmd.shard.ready_s))
         self._record_model_events(cmd.device_id, cmd.activation, cmd.evict)
 
     def _record_model_events(self, device_id: str, activation: str, evict: tuple[str, ...]) -> None:
@@ -169,8 +191,7 @@ class PlannerActor:
 
     def _record_finish(self, event: ShardFinished) -> None:
         record = self.shards.get(event.shard_id)
-        run = self.controller.workflows.get(record.workflow_id) if record else None
-        if record is None or run is None:
+        if record is None:
             return
         prompt = record.prompt_tokens
         if prompt:  # NOTE: Ray counters refuse an increment of 0
@@ -178,18 +199,13 @@ class PlannerActor:
         if event.cached_tokens:
             self.metrics.prefix_hit_tokens.inc(event.cached_tokens, {"device": event.device_id})
         self.metrics.shards.inc(1, {"outcome": "done"})
-        stage = run.stages[record.stage_id]
-        key = (record.workflow_id, record.stage_id)
-        if stage.done and key not in self._stages_timed:
-            self._stages_timed.add(key)
-            self.metrics.stage_latency_s.observe(max(0.0, event.now_s - stage.ready_s), {"model": record.model})
 
     async def _refresh_gauges(self) -> None:
         """Re-set gauges every 2 s: Ray forgets a gauge that is not set for ~15-20 s."""
         while True:
-            for device_id, dev in self.controller.devices.items():
-                busy = len(dev.running) / dev.concurrency if dev.alive else 0.0
-                self.metrics.device_busy.set(busy, {"device": device_id})
+            for dev in (await self._status()).devices:
+                busy = dev.running_shards / dev.concurrency if dev.alive else 0.0
+                self.metrics.device_busy.set(busy, {"device": dev.device_id})
             self.metrics.frontier_size.set(self.timer.last[1], {"policy": self.policy_name})
             await asyncio.sleep(2.0)
 
@@ -197,16 +213,17 @@ class PlannerActor:
         if isinstance(cmd, Dispatch):
             self._record_dispatch(cmd)
             self.shards[cmd.shard.shard_id] = ShardRecord(
-                cmd.shard.workflow_id, cmd.shard.stage_id, cmd.device_id, cmd.shard.model,
+                cmd.shard.shard_id, cmd.shard.workflow_id, cmd.shard.stage_id, cmd.device_id, cmd.shard.model,
                 cmd.shard.request_indices, time.time(), sum(cmd.shard.prompt_tokens))
             self._spawn(self._run_shard(cmd))
         elif isinstance(cmd, LoadModel):
             self._record_model_events(cmd.device_id, cmd.activation, cmd.evict)
             self._spawn(self._load(cmd))
+        elif isinstance(cmd, StageDone):
+            self.metrics.stage_latency_s.observe(max(0.0, cmd.now_s - cmd.ready_s), {"model": cmd.model})
         elif isinstance(cmd, WorkflowDone):
             rec = self.workflows[cmd.workflow_id]
-            arrival = self.controller.workflows[cmd.workflow_id].workflow.arrival_s
-            self.metrics.workflow_latency_s.observe(max(0.0, cmd.now_s - arrival),
+            self.metrics.workflow_latency_s.observe(max(0.0, cmd.now_s - cmd.arrival_s),
                                                     {"outcome": "done" if cmd.ok else "failed"})
             rec.done = cmd
             rec.done_wall_s = time.time()
@@ -224,6 +241,13 @@ class PlannerActor:
             logger.error("planner task failed", exc_info=task.exception())
 
     async def _run_shard(self, cmd: Dispatch) -> None:
+        try:
+            await self._run_shard_on_worker(cmd)
+        finally:
+            if cmd.shard.workflow_id not in self.workflows:  # released while this shard of it still ran
+                self.shards.pop(cmd.shard.shard_id, None)
+
+    async def _run_shard_on_worker(self, cmd: Dispatch) -> None:
         record = self.shards[cmd.shard.shard_id]
         try:
             result = await self.workers[cmd.device_id].run_shard.remote(cmd)

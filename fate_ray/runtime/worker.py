@@ -5,10 +5,10 @@ from __future__ import annotations
 import ray
 
 from fate_ray.engines.base import EngineReport, ShardResult
+from fate_ray.engines.modelled_device import NoiseModel
 from fate_ray.engines.sim_engine import DEFAULT_TIME_SCALE, SimEngine
 from fate_ray.events import Dispatch, LoadModel
-from fate_ray.sim.truth import NoiseModel
-from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.schema.cluster import ClusterSpec
 
 
 def worker_name(device_id: str) -> str:

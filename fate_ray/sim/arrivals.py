@@ -14,9 +14,8 @@ import random
 from collections.abc import Sequence
 from typing import Literal
 
-from fate_ray.controller import expected_prompt_tokens
 from fate_ray.cost import CostEstimator, RequestShape
-from fate_ray.workload import Workflow, stable_key
+from fate_ray.workload import Workflow, expected_prompt_tokens, stable_key
 
 ArrivalMode = Literal["all_at_once", "poisson", "trace"]
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 from fate_ray.controller import Controller
 from fate_ray.cost import Calibration, CostEstimator
+from fate_ray.engines.modelled_device import NoiseModel, ShardOutcome
 from fate_ray.events import Dispatch, LoadModel, ShardFinished, WorkerLost, WorkflowDone, WorkflowSubmitted
 from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.policies.base import PlanTimer
-from fate_ray.sim.truth import NoiseModel, ShardOutcome, TruePerformance
-from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.schema.cluster import ClusterSpec
+from fate_ray.sim.truth import TruePerformance
 from fate_ray.workload import Workflow
 
 TRACE_KEYS = ("instance", "seed", "policy", "workflow", "stage", "shard", "device", "node", "model", "arrival_s",

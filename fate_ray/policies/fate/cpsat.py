@@ -3,7 +3,6 @@ docstring; the numbered blocks below follow it. Times are integer milliseconds r
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ from fate_ray.policies.base import ReadyStage
 from fate_ray.policies.fate.config import FateConfig
 from fate_ray.policies.fate.greedy import Counts
 from fate_ray.policies.fate.scoring import Candidate
-from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.state import ClusterSnapshot
 
 MIB_PER_GIB = 1024
@@ -33,7 +32,6 @@ class PrefixPair:
 class SolveResult:
     counts: Counts | None  # None unless the status is OPTIMAL or FEASIBLE
     status: str
-    wall_ms: float
 
 
 def _ms(seconds: float) -> int:
@@ -56,7 +54,7 @@ class RoundModel:
         self.finish_d: dict[str, cp_model.IntVar] = {}
         self.finish_s: dict[StageKey, cp_model.IntVar] = {}
         self.objective_terms: list = []
-        self.horizon_ms = self._horizon_ms()
+        self.big_m_ms = self._big_m_ms()
         self._add_assignment()      # (1)-(3)
         self._add_shared_loads()    # (4)
         self._add_memory()          # (5)
@@ -64,7 +62,7 @@ class RoundModel:
         self._add_prefix_pairs()    # (9)
         self._add_objective()
 
-    def _horizon_ms(self) -> int:
+    def _big_m_ms(self) -> int:
         """An upper bound on any finish time this round (big-M)."""
         worst = 0.0
         for cands in self.cands.values():
@@ -121,7 +119,7 @@ class RoundModel:
                        <= capacity)                                                        # (5) memory fits
 
     def _add_finish_times(self) -> None:
-        m, big = self.m, self.horizon_ms
+        m, big = self.m, self.big_m_ms
         per_device: dict[str, list[Candidate]] = {}
         for s in self.frontier:
             for c in self.cands[s.key]:
@@ -183,15 +181,13 @@ class RoundModel:
         solver.parameters.max_time_in_seconds = self.cfg.time_limit_ms / 1000
         solver.parameters.max_deterministic_time = self.cfg.deterministic_limit
         solver.parameters.num_workers = self.cfg.num_workers
-        started = time.perf_counter()
         status = solver.solve(self.m)
-        wall_ms = (time.perf_counter() - started) * 1000
         name = solver.status_name(status)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return SolveResult(None, name, wall_ms)
+            return SolveResult(None, name)
         counts: Counts = {}
         for (stage, d), r in self.r.items():
             n = solver.value(r)
             if n:
                 counts.setdefault(stage, {})[d] = n
-        return SolveResult(counts, name, wall_ms)
+        return SolveResult(counts, name)

@@ -4,10 +4,9 @@ One planning round:
     frontier F -> horizon L(s) (descendants within H hops) -> candidates (s, d) scored
     `immediate + lam * future` term by term (scoring.py) -> top-k devices per stage -> CP-SAT (or greedy)
     -> request counts per (stage, device) -> requests split to the devices that cache them best -> Plan.
-Devices run their queues oldest workflow first, then by upward rank (`queue_order = "arrival"`). FATE.md says
-upward rank alone; measured on the real-dag suite (1 seed), rank alone gave normalised P95 0.567 and this order
-0.500 at equal makespan (0.532 vs 0.524): under Poisson arrivals a pure rank order lets each new workflow's long
-stages overtake older workflows' short ones, which is what P95 latency punishes.
+Devices run their queues oldest workflow first, then by upward rank (`queue_order = "arrival"`), rather than by
+upward rank alone: under Poisson arrivals a pure rank order lets each new workflow's long stages overtake older
+workflows' short ones, which is what P95 latency punishes (measured in BENCHMARKS.md).
 
 CP-SAT formulation (cpsat.py follows these numbered blocks). Notation: F frontier stages; D(s) top-k candidates
 of s; R_s requests of s; c_d concurrency of d; q_d its current backlog (ms); m(s) the model of s;

@@ -19,13 +19,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fate_ray.cost import CostEstimator, RequestShape, cached_tokens_in_batch
+from fate_ray.cost import CostEstimator, RequestShape, cached_tokens_in_batch, transfer_seconds
 from fate_ray.events import StageKey
 from fate_ray.policies.base import ReadyStage
 from fate_ray.policies.fate.config import FateConfig
 from fate_ray.progress import DagInfo
-from fate_ray.spec.cluster import ClusterSpec
-from fate_ray.state import ClusterSnapshot, DeviceSnapshot
+from fate_ray.schema.cluster import ClusterSpec
+from fate_ray.state import ClusterSnapshot, DeviceSnapshot, Residency
 from fate_ray.workload import ContextPart, TextPart
 
 
@@ -160,9 +160,7 @@ class Scorer:
             prefill_s -= per_token_s * cached_tokens_in_batch(d.caches[s.model], s.requests, self.cluster.block_tokens)
         transfer_s = 0.0
         if self.cfg.locality and s.input_bytes_by_node:
-            node = d.device.node
-            transfer_s = sum(b / (self.cluster.link_gbps(n, node) * 1e9)
-                             for n, b in s.input_bytes_by_node.items() if n != node)
+            transfer_s = transfer_seconds(self.cluster, s.input_bytes_by_node, d.device.node)
         return transfer_s + max(0.0, prefill_s) + decode_s
 
     def _base(self, s: ReadyStage, device_type: str) -> tuple[float, float, float, float]:
@@ -175,13 +173,8 @@ class Scorer:
                                             cost.prefill_s / max(1, cost.prompt_tokens))
         return base
 
-    def _activation_s(self, model: str, d: DeviceSnapshot, assume: str | None = None) -> float:
-        state = assume or d.state_of(model)
-        if state == "ACTIVE":
-            return 0.0
-        prof = self.estimator.profile(model, d.device.type)
-        factor = self.estimator.calibration.factor(model, d.device.type, "activation")
-        return (prof.wake_s if state == "SLEEPING" else prof.load_s) * factor
+    def _activation_s(self, model: str, d: DeviceSnapshot, assume: Residency | None = None) -> float:
+        return self.estimator.activation_s(model, d.device.type, assume or d.state_of(model))
 
     # -- look-ahead -------------------------------------------------------------------------------------------------
     def _horizon(self, s: ReadyStage) -> list[_Horizon]:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from fate_ray.policies.base import Plan, ReadyStage
 from fate_ray.policies.fate.config import FateConfig
-from fate_ray.spec.cluster import ClusterSpec
+from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.state import ClusterSnapshot
 
 

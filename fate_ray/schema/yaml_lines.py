@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from fate_ray.spec.errors import Problem, SpecError
+from fate_ray.schema.errors import InputError, Problem
 
 Loc = tuple[str | int, ...]
 
@@ -71,12 +71,12 @@ def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], duplicates: list[tup
 
 
 def load_located(path: str | Path) -> LocatedYaml:
-    """Read and parse a YAML file; unreadable or malformed files raise SpecError naming the line."""
+    """Read and parse a YAML file; unreadable or malformed files raise InputError naming the line."""
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError([Problem(file, 1, f"cannot read file: {exc.__class__.__name__}: {exc}")]) from None
+        raise InputError([Problem(file, 1, f"cannot read file: {exc.__class__.__name__}: {exc}")]) from None
     return parse_located(text, file)
 
 
@@ -88,14 +88,14 @@ def parse_located(text: str, file: str) -> LocatedYaml:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
         what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError([Problem(file, line, f"malformed YAML: {what}; fix the syntax at this line")]) from None
+        raise InputError([Problem(file, line, f"malformed YAML: {what}; fix the syntax at this line")]) from None
     except RecursionError:
-        raise SpecError([Problem(file, 1, "malformed YAML: nesting too deep")]) from None
+        raise InputError([Problem(file, 1, "malformed YAML: nesting too deep")]) from None
     lines: dict[Loc, int] = {}
     duplicates: list[tuple[str, int]] = []
     if node is not None:
         _walk(node, (), lines, duplicates, set())
     if duplicates:
-        raise SpecError([Problem(file, line, f"key {key!r} appears twice in one mapping; keep one")
+        raise InputError([Problem(file, line, f"key {key!r} appears twice in one mapping; keep one")
                          for key, line in duplicates])
     return LocatedYaml(file, data, lines)

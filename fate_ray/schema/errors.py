@@ -1,4 +1,4 @@
-"""Spec errors a user can cause, each rendered as one line: `error: FILE:LINE: message`."""
+"""Input errors a user can cause (bad YAML, unknown names, missing files), each rendered as one line: `error: FILE:LINE: message`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class Problem:
         return f"error: {self.file}:{self.line}: {self.message}"
 
 
-class SpecError(Exception):
+class InputError(Exception):
     """One or more problems with a workflow or cluster file; `str()` is one line per problem."""
 
     def __init__(self, problems: Iterable[Problem]):

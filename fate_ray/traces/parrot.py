@@ -22,15 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fate_ray.spec.importers.common import (
-    CHARS_PER_TOKEN,
+from fate_ray.traces.common import (
+    input_error,
     iter_jsonl,
     models_by_type,
     rng_for,
-    spec_error,
     warn,
 )
-from fate_ray.workload import ContextPart, OutputPart, Part, Stage, TextPart, Workflow, stable_key
+from fate_ray.workload import CHARS_PER_TOKEN, ContextPart, OutputPart, Part, Stage, TextPart, Workflow, stable_key
 
 _ROUND_KEY = re.compile(r"r(\d+)_queries")
 
@@ -82,24 +81,24 @@ def _read_rounds(path: str | Path) -> list[_Round]:
     rounds: list[_Round] = []
     for line, record in iter_jsonl(path):
         if not is_parrot_record(record):
-            raise spec_error(path, line, "not a Parrot MetaGPT round: expected `rK_queries` and `rK_responses` keys")
+            raise input_error(path, line, "not a Parrot MetaGPT round: expected `rK_queries` and `rK_responses` keys")
         for key in sorted((k for k in record if _ROUND_KEY.fullmatch(k)), key=_round_number):
             stage_id = key.removesuffix("_queries")
             if any(r.stage_id == stage_id for r in rounds):
-                raise spec_error(path, line, f"round {stage_id} appears twice")
+                raise input_error(path, line, f"round {stage_id} appears twice")
             calls = _calls(path, line, record[key], record.get(f"{stage_id}_responses"))
             if calls:
                 rounds.append(_Round(stage_id, calls))
             else:
                 warn(path, line, f"round {stage_id} has no call with a response; round skipped")
     if not rounds:
-        raise spec_error(path, 1, "the file holds no Parrot MetaGPT round")
+        raise input_error(path, 1, "the file holds no Parrot MetaGPT round")
     return rounds
 
 
 def _calls(path: str | Path, line: int, queries: Any, responses: Any) -> tuple[_Call, ...]:
     if not isinstance(queries, dict) or not isinstance(responses, dict):
-        raise spec_error(path, line, "`rK_queries` and `rK_responses` must both be mappings of name -> call")
+        raise input_error(path, line, "`rK_queries` and `rK_responses` must both be mappings of name -> call")
     calls = []
     for file, query in queries.items():
         if file not in responses:
@@ -108,7 +107,7 @@ def _calls(path: str | Path, line: int, queries: Any, responses: Any) -> tuple[_
         usage = responses[file].get("usage") if isinstance(responses[file], dict) else None
         tokens = (usage or {}).get("prompt_tokens"), (usage or {}).get("completion_tokens")
         if not isinstance(query, dict) or not all(isinstance(t, int) and t >= 0 for t in tokens):
-            raise spec_error(path, line, f"call {file!r}: needs a {{system, user_msg}} query and a response whose "
+            raise input_error(path, line, f"call {file!r}: needs a {{system, user_msg}} query and a response whose "
                              "`usage` has integer prompt_tokens and completion_tokens")
         system = str(query.get("system", ""))
         calls.append(_Call(file, system, system + str(query.get("user_msg", "")), tokens[0], tokens[1]))

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fate_ray.spec.importers.common import Task, build_workflow, parse_json, read_text, rng_for, spec_error, warn
+from fate_ray.traces.common import Task, build_workflow, input_error, parse_json, read_text, rng_for, warn
 from fate_ray.workload import Workflow
 
 _NAME_SUFFIX = re.compile(r"_ID\d+$|_\d+$")  # Pegasus "mProject_ID0000001", Nextflow ids "FASTQC_2"
@@ -18,21 +18,21 @@ def is_wfformat(doc: Any) -> bool:
 
 
 def load_wfcommons(path: str | Path, rng_seed: object, catalog_models: Mapping[str, float]) -> Workflow:
-    """Read a WfFormat file; SpecError naming the file if it is not one, TraceWarning for dropped edges."""
+    """Read a WfFormat file; InputError naming the file if it is not one, TraceWarning for dropped edges."""
     text = read_text(path)
     doc = parse_json(text, path)
     if not is_wfformat(doc):
-        raise spec_error(path, 1, "not a WfFormat document: expected a top-level `workflow` mapping")
+        raise input_error(path, 1, "not a WfFormat document: expected a top-level `workflow` mapping")
     spec_tasks = (doc["workflow"].get("specification") or {}).get("tasks")
     if not isinstance(spec_tasks, list) or not spec_tasks:
-        raise spec_error(path, 1, "WfFormat `workflow.specification.tasks` must be a non-empty list")
+        raise input_error(path, 1, "WfFormat `workflow.specification.tasks` must be a non-empty list")
     executed = (doc["workflow"].get("execution") or {}).get("tasks") or []
     by_id = {e["id"]: e for e in executed if isinstance(e, dict) and "id" in e}
     tasks = _tasks(path, text, spec_tasks, by_id)
     try:
         return build_workflow(Path(path).stem, str(path), tasks, rng_for(rng_seed, path), catalog_models)
     except ValueError as exc:
-        raise spec_error(path, 1, str(exc)) from None
+        raise input_error(path, 1, str(exc)) from None
 
 
 def task_type(spec_task: Mapping[str, Any], executed: Mapping[str, Any] | None) -> str:
@@ -47,10 +47,10 @@ def _tasks(path: str | Path, text: str, spec_tasks: list, executed: Mapping[str,
     ids = [t.get("id") if isinstance(t, dict) else None for t in spec_tasks]
     for index, task_id in enumerate(ids):
         if not isinstance(task_id, str) or not task_id:
-            raise spec_error(path, 1, f"WfFormat task #{index} has no string `id`")
+            raise input_error(path, 1, f"WfFormat task #{index} has no string `id`")
     if len(set(ids)) != len(ids):
         twice = sorted({i for i in ids if ids.count(i) > 1})[0]
-        raise spec_error(path, _line_of(text, twice), f"WfFormat task id {twice!r} appears twice")
+        raise input_error(path, _line_of(text, twice), f"WfFormat task id {twice!r} appears twice")
     known = set(ids)
     tasks = []
     for spec_task in spec_tasks:

@@ -15,11 +15,10 @@ from typing import Any
 
 import networkx as nx
 
-from fate_ray.spec.cluster import ClusterSpec
-from fate_ray.spec.errors import Problem, SpecError
+from fate_ray.schema.cluster import ClusterSpec
+from fate_ray.schema.errors import InputError, Problem
 from fate_ray.workload import ContextPart, OutputPart, Part, Stage, TextPart, Workflow, stable_key
 
-CHARS_PER_TOKEN = 4
 SIZE_EXPONENT = 0.75  # model weight = params_b ** -0.75: a 32.8B model is drawn ~10x less often than a 1.5B one
 PROMPT_TOKENS_PER_LOG2 = 256
 PROMPT_TOKENS_RANGE = (128, 8192)
@@ -40,17 +39,17 @@ def warn(path: str | Path, line: int, message: str) -> None:
     warnings.warn(f"{path}:{line}: {message}", TraceWarning, stacklevel=3)
 
 
-def spec_error(path: str | Path, line: int, message: str) -> SpecError:
-    return SpecError([Problem(str(path), line, message)])
+def input_error(path: str | Path, line: int, message: str) -> InputError:
+    return InputError([Problem(str(path), line, message)])
 
 
 def read_text(path: str | Path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise spec_error(path, 1, "no such file or directory") from None
+        raise input_error(path, 1, "no such file or directory") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise spec_error(path, 1, f"cannot read the file ({exc.__class__.__name__}: {exc})") from None
+        raise input_error(path, 1, f"cannot read the file ({exc.__class__.__name__}: {exc})") from None
 
 
 def parse_json(text: str, path: str | Path, first_line: int = 1) -> Any:
@@ -58,9 +57,9 @@ def parse_json(text: str, path: str | Path, first_line: int = 1) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         line = first_line + exc.lineno - 1
-        raise spec_error(path, line, f"the file is not valid JSON: {exc.msg} at column {exc.colno}") from None
+        raise input_error(path, line, f"the file is not valid JSON: {exc.msg} at column {exc.colno}") from None
     except RecursionError:
-        raise spec_error(path, first_line, "the file is not usable JSON: nesting too deep") from None
+        raise input_error(path, first_line, "the file is not usable JSON: nesting too deep") from None
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
@@ -71,9 +70,9 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                 if line.strip():
                     yield number, parse_json(line, path, number)
     except FileNotFoundError:
-        raise spec_error(path, 1, "no such file or directory") from None
+        raise input_error(path, 1, "no such file or directory") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise spec_error(path, 1, f"cannot read the file ({exc.__class__.__name__}: {exc})") from None
+        raise input_error(path, 1, f"cannot read the file ({exc.__class__.__name__}: {exc})") from None
 
 
 def catalog_models_of(cluster: ClusterSpec) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fate_ray.spec.importers.common import iter_jsonl, spec_error, warn
+from fate_ray.traces.common import input_error, iter_jsonl, warn
 from fate_ray.workload import Stage, TextPart, Workflow, stable_key
 
 BLOCK_TOKENS = 512  # Mooncake's hash_ids name 512-token prefix blocks
@@ -30,7 +30,7 @@ def load_mooncake(path: str | Path, limit: int | None = None, time_scale: float 
 
 def _request_workflow(path: str | Path, line: int, record: Any, time_scale: float, model: str) -> Workflow | None:
     if not _well_formed(record):
-        raise spec_error(path, line, "not a Mooncake request: expected {timestamp, input_length, output_length, "
+        raise input_error(path, line, "not a Mooncake request: expected {timestamp, input_length, output_length, "
                          "hash_ids} with numbers and a list of integer block ids")
     hash_ids, input_tokens = record["hash_ids"], record["input_length"]
     last_block_tokens = input_tokens - BLOCK_TOKENS * (len(hash_ids) - 1)

@@ -11,13 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fate_ray.spec.importers.common import (
+from fate_ray.traces.common import (
     MAX_FANOUT_REQUESTS,
     Task,
     build_workflow,
+    input_error,
     read_text,
     rng_for,
-    spec_error,
     warn,
 )
 from fate_ray.workload import Workflow
@@ -63,7 +63,7 @@ def _read_rows(path: str | Path) -> list[_Row]:
     reader = csv.reader(io.StringIO(read_text(path)))
     header = next(reader, None)
     if header is None or tuple(h.strip() for h in header) != HEADER:
-        raise spec_error(path, 1, f"not an Alibaba batch_task CSV: the header must be {','.join(HEADER)}")
+        raise input_error(path, 1, f"not an Alibaba batch_task CSV: the header must be {','.join(HEADER)}")
     rows = []
     for fields in reader:
         if fields and any(f.strip() for f in fields):

@@ -2,7 +2,7 @@
 
 A cluster file either lists its models inline or names a catalog file (`catalog: catalog.yaml`, relative to the
 cluster file); inline `models` entries override catalog entries of the same name. Every figure can be overridden
-in YAML; the shipped catalog cites CALIBRATION.md next to each one.
+in YAML; the shipped catalog cites its source next to each one (docs/calibration.md).
 
 Units are in the field names: `*_gib` (GiB), `*_s` (seconds), `*_ms` (milliseconds), `*_tok_s` (tokens/second),
 `*_gbps` (GB/s).
@@ -11,25 +11,35 @@ Units are in the field names: `*_gib` (GiB), `*_s` (seconds), `*_ms` (millisecon
 from __future__ import annotations
 
 import os
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
-from fate_ray.spec.errors import SpecError
-from fate_ray.spec.yaml_lines import load_located
+from fate_ray.schema.errors import InputError
+from fate_ray.schema.yaml_lines import load_located
 
 DEFAULT_CLUSTER_FILE = "mixed-h100-l4.yaml"
 
 Positive = Annotated[float, Field(gt=0)]
 
 
-class _Frozen(BaseModel):
+class FrozenModel(BaseModel):
+    """Every schema model: immutable once validated, and unknown keys are errors (a typo must not pass)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class DeviceType(_Frozen):
+class DeviceType(FrozenModel):
     """One kind of accelerator."""
 
     memory_gib: PositiveFloat = Field(description="Device memory usable by the engine (weights + KV cache).")
@@ -40,7 +50,7 @@ class DeviceType(_Frozen):
     supports_sleep: bool = Field(True, description="False on CPU engines: residency is load/unload only.")
 
 
-class ModelProfile(_Frozen):
+class ModelProfile(FrozenModel):
     """How one model runs on one device type."""
 
     load_s: Positive = Field(description="Cold load: weights from storage into device memory plus engine init.")
@@ -54,7 +64,7 @@ class ModelProfile(_Frozen):
         return self.decode_step_ms_b1 + (self.decode_step_ms_b32 - self.decode_step_ms_b1) * (max(batch, 1) - 1) / 31
 
 
-class ModelSpec(_Frozen):
+class ModelSpec(FrozenModel):
     """A model of the catalog."""
 
     params_b: PositiveFloat = Field(description="Parameters, billions.")
@@ -73,22 +83,22 @@ class ModelSpec(_Frozen):
         return max(1, int(tokens // block_tokens))
 
 
-class DeviceGroup(_Frozen):
+class DeviceGroup(FrozenModel):
     type: str = Field(description="A key of `device_types`.")
     count: PositiveInt = Field(1, description="How many devices of this type the node has.")
 
 
-class Node(_Frozen):
+class Node(FrozenModel):
     name: str
     devices: list[DeviceGroup] = Field(min_length=1)
 
 
-class Links(_Frozen):
+class Links(FrozenModel):
     intra_node_gbps: PositiveFloat = Field(900.0, description="Device-to-device inside a node (NVLink), GB/s.")
     inter_node_gbps: PositiveFloat = Field(25.0, description="Between nodes (e.g. 200 Gb/s NIC), GB/s.")
 
 
-class Device(_Frozen):
+class Device(FrozenModel):
     """One concrete device of the cluster, numbered in node order."""
 
     device_id: str
@@ -97,7 +107,7 @@ class Device(_Frozen):
     type: str
 
 
-class ClusterSpec(_Frozen):
+class ClusterSpec(FrozenModel):
     name: str
     block_tokens: PositiveInt = Field(16, description="Prefix-cache block size in tokens (vLLM GPU default 16).")
     links: Links = Field(default_factory=Links)
@@ -116,8 +126,19 @@ class ClusterSpec(_Frozen):
                     )
         return self
 
-    @cached_property
+    # NOTE: memoised together with the `nodes` list it was computed from, not as a cached_property: `model_copy`
+    # copies cached values, so a copy with other nodes would report the original's devices.
+    _devices_memo: tuple[list[Node], tuple[Device, ...]] | None = PrivateAttr(None)
+
+    @property
     def devices(self) -> tuple[Device, ...]:
+        """Every device of the cluster, numbered in node order (`<node>/gpu<i>`)."""
+        memo = self._devices_memo
+        if memo is None or memo[0] is not self.nodes:
+            memo = self._devices_memo = (self.nodes, self._enumerate_devices())
+        return memo[1]
+
+    def _enumerate_devices(self) -> tuple[Device, ...]:
         out: list[Device] = []
         for node in self.nodes:
             for group in node.devices:
@@ -139,10 +160,10 @@ class ClusterSpec(_Frozen):
 
 
 def load_cluster(path: str | Path) -> ClusterSpec:
-    """Read a cluster file (and the catalog it names); raise SpecError naming file and line on any problem."""
+    """Read a cluster file (and the catalog it names); raise InputError naming file and line on any problem."""
     doc = load_located(path)
     if not isinstance(doc.data, dict):
-        raise SpecError([doc.problem((), "a cluster file must be a mapping with `nodes`, `device_types`, `models`")])
+        raise InputError([doc.problem((), "a cluster file must be a mapping with `nodes`, `device_types`, `models`")])
     data = dict(doc.data)
     catalog_name = data.pop("catalog", None)
     if catalog_name is not None:
@@ -150,16 +171,16 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         catalog = load_located(catalog_path)
         models = catalog.data.get("models") if isinstance(catalog.data, dict) else None
         if not isinstance(models, dict):
-            raise SpecError([catalog.problem((), "a catalog file must be a mapping with a `models` mapping")])
+            raise InputError([catalog.problem((), "a catalog file must be a mapping with a `models` mapping")])
         try:
             checked = {name: ModelSpec.model_validate(m) for name, m in models.items()}
         except ValidationError as exc:
-            raise SpecError(catalog.problems_from(exc)) from None
+            raise InputError(catalog.problems_from(exc)) from None
         data["models"] = {**checked, **(data.get("models") or {})}
     try:
         return ClusterSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(doc.problems_from(exc)) from None
+        raise InputError(doc.problems_from(exc)) from None
 
 
 def default_cluster_path() -> Path:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 
-from fate_ray.spec.cluster import default_cluster_path, load_cluster
-from fate_ray.spec.errors import SpecError
-from fate_ray.spec.importers import (
+from fate_ray.schema.cluster import default_cluster_path, load_cluster
+from fate_ray.schema.errors import InputError
+from fate_ray.traces import (
     TraceWarning,
     catalog_models_of,
     load_alibaba,
@@ -135,7 +136,7 @@ def test_missing_parent_edge_is_dropped_with_warning(tmp_path, catalog):
 
 def test_cycle_is_a_spec_error(tmp_path, catalog):
     path = write_json(tmp_path / "cyc.json", wfformat([("a", ["b"], 1.0, "p"), ("b", ["a"], 1.0, "p")]))
-    with pytest.raises(SpecError, match="cyc.json.*cycle"):
+    with pytest.raises(InputError, match="cyc.json.*cycle"):
         load_wfcommons(path, 1, catalog)
 
 
@@ -173,7 +174,7 @@ def test_alibaba_jobs_edges_fanout_and_warnings(tmp_path, catalog):
 def test_alibaba_wrong_header_is_a_spec_error(tmp_path, catalog):
     path = tmp_path / "other.csv"
     path.write_text("a,b,c\n1,2,3\n")
-    with pytest.raises(SpecError, match=r"other\.csv:1: .*header"):
+    with pytest.raises(InputError, match=r"other\.csv:1: .*header"):
         load_alibaba(path, 1, catalog)
 
 
@@ -212,7 +213,7 @@ def test_parrot_rounds_continue_per_file_and_match_usage(tmp_path, catalog):
 def test_parrot_without_rounds_is_a_spec_error(tmp_path, catalog):
     path = tmp_path / "x.jsonl"
     path.write_text('{"timestamp": 1}\n')
-    with pytest.raises(SpecError, match=r"x\.jsonl:1: .*rK_queries"):
+    with pytest.raises(InputError, match=r"x\.jsonl:1: .*rK_queries"):
         load_parrot_metagpt(path, 1, catalog)
 
 
@@ -254,7 +255,7 @@ def test_load_dags_reads_a_folder_and_ignores_other_files(tmp_path, catalog):
 
 def test_missing_path_is_a_spec_error(tmp_path, catalog):
     missing = tmp_path / "nope"
-    with pytest.raises(SpecError, match="nope.*no such file"):
+    with pytest.raises(InputError, match="nope.*no such file"):
         load_dags([missing], 1, catalog)
 
 
@@ -262,7 +263,7 @@ def test_garbage_json_is_a_spec_error_naming_the_file(tmp_path, catalog):
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json at all")
     for target in (garbage, tmp_path):
-        with pytest.raises(SpecError) as info:
+        with pytest.raises(InputError) as info:
             load_dags([target], 1, catalog)
         assert str(garbage) in str(info.value) and "not valid JSON" in str(info.value)
 
@@ -270,7 +271,7 @@ def test_garbage_json_is_a_spec_error_naming_the_file(tmp_path, catalog):
 def test_a_named_file_of_unknown_type_is_a_spec_error(tmp_path, catalog):
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
-    with pytest.raises(SpecError, match=r"notes\.txt:1: not a trace"):
+    with pytest.raises(InputError, match=r"notes\.txt:1: not a trace"):
         load_dags(notes, 1, catalog)
 
 
@@ -286,10 +287,19 @@ def realdags() -> Path:
 @pytest.mark.slow
 def test_real_wfcommons_and_alibaba_import_as_dags(realdags, catalog):
     wf_files = sorted((realdags / "wfcommons").rglob("*.json"))
-    assert len(wf_files) == 16
+    assert len(wf_files) == 16  # realdags/README.md: "16 real workflow executions"
     workflows = [load_wfcommons(f, 0, catalog) for f in wf_files]
-    jobs = load_alibaba(realdags / "alibaba_v2018" / "alibaba_random_50_dags.csv", 0, catalog)
-    assert len(jobs) == 50 and sum(len(j.stages) for j in jobs) == 197
+    # Every WfFormat task becomes one stage: the source's own task list is the count to meet.
+    for f, wf in zip(wf_files, workflows):
+        assert len(wf.stages) == len(json.loads(f.read_text())["workflow"]["specification"]["tasks"]), f.name
+    csv_path = realdags / "alibaba_v2018" / "alibaba_random_50_dags.csv"
+    jobs = load_alibaba(csv_path, 0, catalog)
+    # One workflow per job_name and one stage per data row, counted from the CSV itself (the README promises
+    # "50 jobs, 197 tasks").
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(jobs) == len({r["job_name"] for r in rows}) == 50
+    assert sum(len(j.stages) for j in jobs) == len(rows) == 197
     for wf in workflows + jobs:
         check_dag(wf)
     assert max(s.num_requests for j in jobs for s in j.stages.values()) == 64

@@ -23,39 +23,33 @@ absent they are estimated at 4 characters per token. A parent's output counts wi
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import networkx as nx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from fate_ray.spec.cluster import ClusterSpec
-from fate_ray.spec.errors import Problem, SpecError, did_you_mean
-from fate_ray.spec.templates import LOOP_VARIABLES, ParentOutputs, inspect_template, render
-from fate_ray.spec.yaml_lines import LocatedYaml, load_located, parse_located
-from fate_ray.workload import ContextPart, OutputPart, Part, Stage, TextPart, Workflow, stable_key
+from fate_ray.schema.cluster import ClusterSpec, FrozenModel
+from fate_ray.schema.errors import InputError, Problem, did_you_mean
+from fate_ray.schema.templates import LOOP_VARIABLES, ParentOutputs, inspect_template, render
+from fate_ray.schema.yaml_lines import LocatedYaml, load_located, parse_located
+from fate_ray.workload import ContextPart, OutputPart, Part, Stage, TextPart, Workflow, estimate_tokens, stable_key
 
-CHARS_PER_TOKEN = 4
 MAX_REPEAT = 1024  # samples per item; more is a typo, not a workload
 # Strict: `max_tokens: true` or `repeat: "3"` are mistakes, not 1 and 3.
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 _ID = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PromptSpec(_Frozen):
+class PromptSpec(FrozenModel):
     prefix: str = Field("", description="Text shared by every request of the stage (system prompt, documents).")
     template: str = Field("", description="Jinja2 template of the request-specific part (sandboxed).")
     prefix_tokens: PositiveInt | None = Field(None, description="Size of `prefix` in tokens; default chars/4.")
     tokens: PositiveInt | None = Field(None, description="Size of the rendered template in tokens; default chars/4.")
 
 
-class StageSpec(_Frozen):
+class StageSpec(FrozenModel):
     id: str = Field(pattern=_ID, description="Unique within the workflow; templates refer to it by this name.")
     model: str = Field(description="A model of the cluster's catalog.")
     after: list[str] = Field(default_factory=list, description="Parent stages that must finish first.")
@@ -81,7 +75,7 @@ class StageSpec(_Frozen):
         return list(dict.fromkeys(self.after + ([self.continues] if self.continues else [])))
 
 
-class WorkflowSpec(_Frozen):
+class WorkflowSpec(FrozenModel):
     name: str = Field(min_length=1)
     models: list[str] = Field(default_factory=list, description="Models the workflow uses (checked if given).")
     inputs: dict[str, Any] = Field(default_factory=dict)
@@ -89,7 +83,7 @@ class WorkflowSpec(_Frozen):
 
 
 def load_workflow(path: str | Path, cluster: ClusterSpec) -> tuple[WorkflowSpec, Workflow]:
-    """Parse, validate and compile one workflow file; raise SpecError with every problem found."""
+    """Parse, validate and compile one workflow file; raise InputError with every problem found."""
     return check_workflow(load_located(path), cluster)
 
 
@@ -99,19 +93,19 @@ def parse_workflow_text(text: str, file: str, cluster: ClusterSpec) -> tuple[Wor
 
 def check_workflow(doc: LocatedYaml, cluster: ClusterSpec) -> tuple[WorkflowSpec, Workflow]:
     if not isinstance(doc.data, dict):
-        raise SpecError([doc.problem((), "a workflow file must be a mapping with `name` and `stages`")])
+        raise InputError([doc.problem((), "a workflow file must be a mapping with `name` and `stages`")])
     try:
         spec = WorkflowSpec.model_validate(doc.data)
     except ValidationError as exc:
-        raise SpecError(doc.problems_from(exc)) from None
+        raise InputError(doc.problems_from(exc)) from None
     problems = _semantic_problems(spec, doc, cluster)
     if problems:
-        raise SpecError(problems)
+        raise InputError(problems)
     try:
         return spec, compile_workflow(spec, workflow_id=spec.name, source=doc.file)
     except StageTemplateError as exc:
         at = ("stages", [s.id for s in spec.stages].index(exc.stage_id), "prompt", "template")
-        raise SpecError([doc.problem(at, str(exc))]) from None
+        raise InputError([doc.problem(at, str(exc))]) from None
 
 
 def _semantic_problems(spec: WorkflowSpec, doc: LocatedYaml, cluster: ClusterSpec) -> list[Problem]:
@@ -164,11 +158,8 @@ def _stage_model_problems(stage: StageSpec, at, spec: WorkflowSpec, doc: Located
 
 
 def _find_cycle(spec: WorkflowSpec) -> list[str]:
-    graph = nx.DiGraph()
-    graph.add_nodes_from(s.id for s in spec.stages)
-    graph.add_edges_from((p, s.id) for s in spec.stages for p in s.parents)
     try:
-        return [u for u, _ in nx.find_cycle(graph)]
+        return [u for u, _ in nx.find_cycle(_graph(spec))]
     except nx.NetworkXNoCycle:
         return []
 
@@ -235,7 +226,7 @@ class StageTemplateError(ValueError):
 
 
 def _tokens(text: str) -> int:
-    return max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
+    return estimate_tokens(text)
 
 
 def compile_workflow(spec: WorkflowSpec, workflow_id: str, arrival_s: float = 0.0, source: str = "") -> Workflow:

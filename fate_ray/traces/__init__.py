@@ -32,7 +32,7 @@ Parrot MetaGPT is a real LLM run: rule 1 picks its models (a round's type is its
 come from the traced token usage (see parrot.py). Mooncake requests use one given model (see mooncake.py).
 
 Skipped rows, requests and edges raise `TraceWarning`s starting FILE:LINE; a file that cannot be used at all
-raises `SpecError`.
+raises `InputError`.
 """
 
 from __future__ import annotations
@@ -41,18 +41,18 @@ import contextlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from fate_ray.spec.importers.alibaba import has_alibaba_header, load_alibaba
-from fate_ray.spec.importers.common import (
+from fate_ray.traces.alibaba import has_alibaba_header, load_alibaba
+from fate_ray.traces.common import (
     TraceWarning,
     catalog_models_of,
+    input_error,
     iter_jsonl,
     parse_json,
     read_text,
-    spec_error,
 )
-from fate_ray.spec.importers.mooncake import load_mooncake
-from fate_ray.spec.importers.parrot import is_parrot_record, load_parrot_metagpt
-from fate_ray.spec.importers.wfcommons import is_wfformat, load_wfcommons
+from fate_ray.traces.mooncake import load_mooncake
+from fate_ray.traces.parrot import is_parrot_record, load_parrot_metagpt
+from fate_ray.traces.wfcommons import is_wfformat, load_wfcommons
 from fate_ray.workload import Workflow
 
 __all__ = ["TraceWarning", "catalog_models_of", "load_alibaba", "load_dags", "load_mooncake",
@@ -67,7 +67,7 @@ def load_dags(paths: str | Path | Iterable[str | Path], rng_seed: object,
 
     In a folder, a `.json` with a top-level `workflow` mapping, a `.csv` with the Alibaba header and a `.jsonl`
     whose first record has `rK_queries` keys are loaded; other files (Mooncake or LMCache `.jsonl`, chat logs)
-    are ignored. A named file must be one of the three. Missing paths and unparseable files raise SpecError.
+    are ignored. A named file must be one of the three. Missing paths and unparseable files raise InputError.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -81,15 +81,15 @@ def load_dags(paths: str | Path | Iterable[str | Path], rng_seed: object,
         elif path.is_file():
             kind = _kind(path)
             if kind is None:
-                raise spec_error(path, 1, f"not a trace this importer knows: {_EXPECTED}")
+                raise input_error(path, 1, f"not a trace this importer knows: {_EXPECTED}")
             workflows += _load(kind, path, rng_seed, catalog_models)
         else:
-            raise spec_error(path, 1, "no such file or directory")
+            raise input_error(path, 1, "no such file or directory")
     return workflows
 
 
 def _kind(path: Path) -> str | None:
-    """The trace format of `path` from its extension and first record, or None (SpecError if unreadable)."""
+    """The trace format of `path` from its extension and first record, or None (InputError if unreadable)."""
     suffix = path.suffix.lower()
     if suffix == ".json":
         return "wfcommons" if is_wfformat(parse_json(read_text(path), path)) else None
@@ -107,7 +107,7 @@ def _first_line(path: Path) -> str:
         with open(path, encoding="utf-8") as lines:
             return lines.readline()
     except (OSError, UnicodeDecodeError) as exc:
-        raise spec_error(path, 1, f"cannot read the file ({exc.__class__.__name__}: {exc})") from None
+        raise input_error(path, 1, f"cannot read the file ({exc.__class__.__name__}: {exc})") from None
 
 
 def _load(kind: str, path: Path, rng_seed: object, catalog_models: Mapping[str, float]) -> list[Workflow]:
