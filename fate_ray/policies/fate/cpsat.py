@@ -109,7 +109,7 @@ class RoundModel:
             loads = [(m, v) for (m, dd), v in self.load.items() if dd == d]
             if not loads:
                 continue
-            busy = sum(models[m].footprint_gib for m in dev.busy_models if dev.state_of(m) == "ACTIVE")
+            busy = sum(models[m].footprint_gib for m in sorted(dev.busy_models) if dev.state_of(m) == "ACTIVE")
             idle = [m for m, r in dev.residency.items() if r == "ACTIVE" and m not in dev.busy_models]
             for m in idle:
                 self.keep[(m, d)] = self.m.new_bool_var(f"keep[{m},{d}]")
@@ -147,8 +147,9 @@ class RoundModel:
     def _add_prefix_pairs(self) -> None:
         self.z = []
         for p in self.pairs:
-            shared = {c.device_id for c in self.cands[p.a]} & {c.device_id for c in self.cands[p.b]}
-            for d in shared:
+            in_b = {c.device_id for c in self.cands[p.b]}
+            # NOTE: in candidate order, not set order: variable order must not depend on the string hash seed.
+            for d in [c.device_id for c in self.cands[p.a] if c.device_id in in_b]:
                 z = self.m.new_bool_var(f"z[{p.a},{p.b},{d}]")
                 self.m.add_implication(z, self.x[(p.a, d)])                                    # (9)
                 self.m.add_implication(z, self.x[(p.b, d)])

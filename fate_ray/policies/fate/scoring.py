@@ -93,7 +93,8 @@ class Scorer:
         self._stage_memo: dict[tuple, tuple[float, float, float, float]] = {}
         live = [d for d in snapshot.devices if d.alive]
         horizons = {s.key: self._horizon(s) for s in frontier}
-        needed = {s.model for s in frontier} | {h.model for hs in horizons.values() for h in hs}
+        # NOTE: sorted, not a set: float sums over it (reach) must not depend on the process's string hash seed.
+        needed = sorted({s.model for s in frontier} | {h.model for hs in horizons.values() for h in hs})
         fit_count = {m: sum(self.cluster.fits(m, d.device.type) for d in live) for m in needed}
         out: dict[StageKey, list[Candidate]] = {}
         for s in frontier:
@@ -121,7 +122,7 @@ class Scorer:
 
     # -- one candidate ----------------------------------------------------------------------------------------------
     def _candidate(self, s: ReadyStage, d: DeviceSnapshot, snapshot: ClusterSnapshot, live, horizon,
-                   needed: set[str], fit_count: Mapping[str, int]) -> Candidate:
+                   needed: Sequence[str], fit_count: Mapping[str, int]) -> Candidate:
         cfg, now = self.cfg, snapshot.now_s
         dtype = d.device.type
         queue_s = max(0.0, d.free_at_s - now)
