@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 from fate_ray.controller import Controller
 from fate_ray.cost import Calibration, CostEstimator
 from fate_ray.engines.modelled_device import NoiseModel, ShardOutcome
-from fate_ray.events import Dispatch, LoadModel, ShardFinished, WorkerLost, WorkflowDone, WorkflowSubmitted
+from fate_ray.events import (
+    Dispatch,
+    LoadModel,
+    ShardFinished,
+    WorkerLost,
+    WorkerStateReported,
+    WorkflowDone,
+    WorkflowSubmitted,
+)
 from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.policies.base import PlanTimer
 from fate_ray.schema.cluster import ClusterSpec
@@ -35,6 +43,10 @@ class SimConfig:
     calibrate: bool = True
     fail_devices_at_s: tuple[tuple[str, float], ...] = ()  # (device id, time): the worker dies then
     max_sim_s: float = 1e9
+    # The warm regime: (device id, models ACTIVE there at t=0). The engines start with them loaded and the
+    # planner learns it from each worker's first state report, as on a cluster that was already serving.
+    initial_models: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    truth_perturb: float = 0.0  # scale the engine model's constants by a seeded factor in [1-F, 1+F]
 
 
 @dataclass
@@ -105,6 +117,11 @@ def simulate(cluster: ClusterSpec, workflows: Sequence[Workflow], policy: str, c
     heap: list[tuple] = []
     for w in workflows:
         heapq.heappush(heap, (w.arrival_s, next(seq), WorkflowSubmitted(w, w.arrival_s)))
+    for device_id, models in config.initial_models:
+        state = truth.devices[device_id].state
+        for model in models:
+            state.activate(model, 0.0)
+        heapq.heappush(heap, (0.0, next(seq), WorkerStateReported(device_id, 0.0, dict(state.residency), {})))
     for device_id, at_s in config.fail_devices_at_s:
         heapq.heappush(heap, (at_s, next(seq), WorkerLost(device_id, at_s, "injected failure")))
     in_flight: dict[str, tuple[Dispatch, ShardOutcome]] = {}
