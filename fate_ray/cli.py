@@ -17,6 +17,9 @@ from fate_ray.schema.cluster import ClusterSpec, default_cluster_path, load_clus
 from fate_ray.schema.errors import InputError, Problem
 
 EXIT_USAGE = 2
+WORKFLOWS_PER_INSTANCE = 50  # = fate_ray.bench.instances.WORKFLOWS_PER_INSTANCE (not imported: keeps startup light)
+# = fate_ray.controller.QUEUE_ORDERS, default first (DEFAULT_QUEUE_ORDER); not imported, as above (a test checks)
+QUEUE_ORDERS = ("arrival", "rank", "fifo")
 
 
 def make_console() -> Console:
@@ -61,8 +64,10 @@ def cmd_simulate(args) -> int:
     check_policy_names([args.policy])
     workflows = [load_workflow(f, cluster)[1] for f in args.files] * args.copies
     instances = arrivals(workflows, args.arrival, CostEstimator(cluster), args.seed, args.utilisation)
-    res = simulate(cluster, instances, args.policy, SimConfig(seed=args.seed), record_trace=bool(args.trace))
-    print(f"policy {args.policy}, seed {args.seed}, {len(instances)} workflows on {cluster.name}")
+    config = SimConfig(seed=args.seed, **controller_options(args))
+    res = simulate(cluster, instances, args.policy, config, record_trace=bool(args.trace))
+    print(f"policy {args.policy}, seed {args.seed}, {len(instances)} workflows on {cluster.name}, queue order "
+          f"{config.queue_order}, prefetch {'on' if config.prefetch else 'off'}")
     print(f"makespan {res.makespan_s:.1f} s, P95 latency {res.p95_s:.1f} s, prefix hits "
           f"{res.cached_tokens:,}/{res.prompt_tokens:,} tokens ({res.prefix_hit_rate:.0%}), model loads {res.loads}, "
           f"wakes {res.wakes}, failed {len(res.failed)}")
@@ -84,6 +89,10 @@ def cmd_bench(args) -> int:
     check_policy_names(policies)
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
+    if args.workflows_per_instance < 1:
+        raise ValueError("--workflows-per-instance must be at least 1")
+    if not 0 <= args.truth_perturb < 1:
+        raise ValueError("--truth-perturb must be in [0, 1)")
     out = Path(args.out or f"results/{args.suite}")
     if args.suite == "runtime":
         from fate_ray.bench.runtime_bench import run_runtime_bench
@@ -98,7 +107,8 @@ def cmd_bench(args) -> int:
         run_planner_scale(cluster, chosen, out, console=make_console())
         return 0
     run_suite(args.suite, cluster, policies, args.seeds, out, args.dags or (), args.trace, args.jobs,
-              console=make_console())
+              console=make_console(), workflows_per_instance=args.workflows_per_instance,
+              sim_options={**controller_options(args), "truth_perturb": args.truth_perturb})
     return 0
 
 
@@ -113,7 +123,7 @@ def cmd_run(args) -> int:
 
     console = make_console()
     cfg = RunConfig(policy=args.policy, engine=args.engine, time_scale=args.time_scale, out_dir=Path(args.out),
-                    timeout_s=args.timeout)
+                    timeout_s=args.timeout, **controller_options(args))
     connect(cluster)
     last: dict[str, str] = {}
 
@@ -173,6 +183,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def controller_options(args) -> dict:
+    """The Controller settings every policy of a run shares, as SimConfig keywords."""
+    return {"queue_order": args.queue_order, "prefetch": not args.no_prefetch}
+
+
+def add_controller_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--queue-order", choices=QUEUE_ORDERS, default=QUEUE_ORDERS[0],
+                   help="how every device orders its queue, for every policy: arrival = oldest workflow first, then "
+                   "upward rank; rank = upward rank first; fifo = placement order (default %(default)s)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="switch off the Controller's generic prefetch of the next stages' models (every policy)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fate-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,17 +214,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arrival", choices=["all_at_once", "poisson"], default="all_at_once")
     p.add_argument("--utilisation", type=float, default=0.7, help="target utilisation for Poisson arrivals")
     p.add_argument("--trace", help="write one JSON line per executed shard to this file")
+    add_controller_options(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("bench", help="compare policies on a benchmark suite")
-    p.add_argument("--suite", choices=["smoke", "real-dag", "prefix-reuse", "planner-scale", "runtime"], required=True)
-    p.add_argument("--dags", nargs="+", help="files or folders (WfFormat *.json, Alibaba *.csv, Parrot *.jsonl)")
+    p.add_argument("--suite", choices=["smoke", "real-dag", "prefix-reuse", "agentic", "planner-scale", "runtime"],
+                   required=True)
+    p.add_argument("--dags", nargs="+", help="files or folders (WfFormat *.json, Alibaba *.csv, Parrot *.jsonl; "
+                   "agentic: LMCache agent-trace *.jsonl)")
     p.add_argument("--cluster")
-    p.add_argument("--policies", help="comma-separated (default: the six baselines)")
+    p.add_argument("--policies", help="comma-separated (default: fate and every baseline)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", help="output folder (default results/<suite>)")
     p.add_argument("--trace", action="store_true", help="also write trace.jsonl (one line per executed shard)")
     p.add_argument("--jobs", type=int, help="parallel processes (default: all cores)")
+    p.add_argument("--workflows-per-instance", type=int, default=WORKFLOWS_PER_INSTANCE, metavar="N",
+                   help=f"workflows per instance (default {WORKFLOWS_PER_INSTANCE}; Mooncake traces keep their own "
+                   "count)")
+    p.add_argument("--truth-perturb", type=float, default=0.0, metavar="F",
+                   help="scale every constant of the engine model (the simulator's truth) by a seeded factor in "
+                   "[1-F, 1+F]: how results degrade as the planner's estimator grows wrong (default 0)")
+    add_controller_options(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("run", help="run workflows on Ray (joins RAY_ADDRESS, else starts a local cluster)")
@@ -212,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=float, default=0.01, help="SimEngine: wall seconds per modelled second")
     p.add_argument("--out", default="results/run")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    add_controller_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="the main job: ray job submit of example workflows to a local Ray head")

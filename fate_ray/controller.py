@@ -3,9 +3,16 @@
     commands = controller.handle(event)
 
 No clocks, threads or I/O: time comes in on the events. Each `handle` applies the event, runs one planning round
-if the frontier changed (the policy places every ready request on a device queue), then starts queued shards on
-devices with a free slot whose model can be made resident (`Dispatch`). The Controller's `DeviceState`s are its
-belief about each device, advanced by the commands it issues and overwritten by `WorkerStateReported`.
+if the frontier changed (the policy places every ready request on a device queue, then the generic prefetch loads
+the frontier's children's models ahead), then starts queued shards on devices with a free slot whose model can be
+made resident (`Dispatch`). The Controller's `DeviceState`s are its belief about each device, advanced by the
+commands it issues and overwritten by `WorkerStateReported`.
+
+Two disciplines are Controller settings, the same for every policy (a benchmark compares policies, not these):
+- `queue_order`: how each device's queue is ordered: `fifo` (placement order), `rank` (upward rank first, then
+  oldest workflow) or `arrival` (oldest workflow first, then upward rank; the default, `DEFAULT_QUEUE_ORDER`);
+- `prefetch`: after each round, `fate_ray.prefetch.generic_prefetch` (on by default). A policy whose `own_prefetch`
+  is True replaces it with its own `Plan.prefetch`; with `prefetch=False` neither runs.
 
 Invariants (checked by `validate_state`): a device runs at most `concurrency` shards; the ACTIVE models of a device
 fit its memory; every request of a ready stage is exactly one of pending, queued, running or done; a request's
@@ -17,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Literal, get_args
 
 from fate_ray.cost import CostEstimator, RequestShape, decode_seconds
 from fate_ray.events import (
@@ -35,11 +43,18 @@ from fate_ray.events import (
     WorkflowSubmitted,
 )
 from fate_ray.policies.base import Plan, PlanContractError, Policy, ReadyStage
+from fate_ray.prefetch import generic_prefetch
 from fate_ray.progress import DagInfo, WorkflowRun
 from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.state import ClusterSnapshot, DeviceState, snapshot_device
 from fate_ray.status import ControllerStats, ControllerStatus, DeviceStatus, WorkflowStatus, stage_outputs
 from fate_ray.workload import Workflow, expected_prompt_tokens
+
+QueueOrder = Literal["fifo", "rank", "arrival"]
+QUEUE_ORDERS: tuple[str, ...] = get_args(QueueOrder)
+# NOTE: provisional. The default is to be chosen by measurement (smoke suite and the shared real-DAG sample, every
+# policy sharing each order) once the independent engine model lands; never per policy.
+DEFAULT_QUEUE_ORDER: QueueOrder = "arrival"
 
 
 @dataclass
@@ -70,11 +85,16 @@ class DeviceQueue:
 
 
 class Controller:
-    def __init__(self, cluster: ClusterSpec, policy: Policy, estimator: CostEstimator, max_attempts: int = 3):
+    def __init__(self, cluster: ClusterSpec, policy: Policy, estimator: CostEstimator, max_attempts: int = 3,
+                 queue_order: QueueOrder = DEFAULT_QUEUE_ORDER, prefetch: bool = True):
+        if queue_order not in QUEUE_ORDERS:
+            raise ValueError(f"unknown queue order {queue_order!r}; known: {', '.join(QUEUE_ORDERS)}")
         self.cluster = cluster
         self.policy = policy
         self.estimator = estimator
         self.max_attempts = max_attempts
+        self.queue_order: QueueOrder = queue_order
+        self.prefetch = prefetch
         self.devices = {
             d.device_id: DeviceQueue(DeviceState.empty(cluster, d), cluster.device_types[d.type].concurrency)
             for d in cluster.devices
@@ -233,7 +253,7 @@ class Controller:
 
     def _reported(self, ev: WorkerStateReported) -> None:
         dev = self.devices[ev.device_id]
-        dev.state.replace(ev.residency, ev.blocks)
+        dev.state.replace(ev.residency, ev.blocks, ev.removed)
 
     def _release_workflow(self, workflow_id: str) -> None:
         """Forget a finished workflow, and its DAG once no other workflow uses it. Shards of a failed workflow
@@ -273,8 +293,13 @@ class Controller:
         backlog_s += sum(q.service_estimate_s for q in dev.queue)
         requests = sum(len(q.shard.request_indices) for q in dev.queue)
         requests += sum(len(r.shard.request_indices) for r in dev.running.values())
+        running_tokens: dict[str, int] = {}  # KV the running requests hold at their end: prompt + expected output
+        for r in dev.running.values():
+            shard = r.shard
+            tokens = sum(shard.prompt_tokens) + shard.expected_output_tokens * len(shard.request_indices)
+            running_tokens[shard.model] = running_tokens.get(shard.model, 0) + tokens
         return snapshot_device(dev.state, dev.concurrency, dev.alive, self.now_s + backlog_s / dev.concurrency,
-                               len(dev.running), requests)
+                               len(dev.running), requests, running_tokens)
 
     def ready_stages(self) -> list[ReadyStage]:
         out = []
@@ -308,10 +333,17 @@ class Controller:
         if plan.solver_status:
             self.stats.solver_status[plan.solver_status] = self.stats.solver_status.get(plan.solver_status, 0) + 1
         self._enqueue(plan, {f.key: f for f in frontier}, snapshot)
-        return out + self._prefetch(plan.prefetch)
+        if not self.prefetch:
+            return out
+        if self.policy.own_prefetch:
+            return out + self._prefetch(plan.prefetch)
+        placed_on = {a.device_id for a in plan.assignments}
+        loads = generic_prefetch(snapshot, frontier, placed_on, self.cluster, self.estimator)
+        return out + self._prefetch(plan.prefetch + loads)
 
     def _prefetch(self, requests: tuple[tuple[str, str], ...]) -> list[Command]:
-        """Start the loads a planner asked for, where the device is alive, fits the model and has the memory."""
+        """Start the loads asked for (the generic prefetch's, or a policy's own), where the device is alive, fits the
+        model and has the memory; a model already ACTIVE there is skipped."""
         out: list[Command] = []
         for model, device_id in requests:
             dev = self.devices.get(device_id)
@@ -349,10 +381,11 @@ class Controller:
             if missing:
                 raise PlanContractError(f"policy {self.policy.name!r} left {len(missing)} request(s) of {key} "
                                         "unplaced")
-        if self.policy.queue_order == "rank":
+        # Stable sorts: ties keep placement order.
+        if self.queue_order == "rank":
             for dev in self.devices.values():
                 dev.queue.sort(key=lambda q: (-q.shard.rank_s, q.shard.arrival_s))
-        elif self.policy.queue_order == "arrival":
+        elif self.queue_order == "arrival":
             for dev in self.devices.values():
                 dev.queue.sort(key=lambda q: (q.shard.arrival_s, -q.shard.rank_s))
 

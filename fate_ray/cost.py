@@ -28,18 +28,10 @@ from typing import Protocol
 
 from fate_ray.schema.cluster import ClusterSpec, ModelProfile
 from fate_ray.state import Activation, PrefixCache, Residency, activation_for, prefix_match
+from fate_ray.workload import RequestShape  # noqa: F401 -- the estimator's input, re-exported
 
 PHASES = ("activation", "prefill", "decode")
 TEXT_BYTES_PER_TOKEN = 4
-
-
-@dataclass(frozen=True, slots=True)
-class RequestShape:
-    """A request as the estimator sees it."""
-
-    prompt_tokens: int
-    block_hashes: tuple[int, ...]
-    output_tokens: int  # expected for the planner, true for the simulator
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,9 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fate_ray.cost import RequestShape
 from fate_ray.state import Activation, Residency
-from fate_ray.workload import Segment, Workflow
+from fate_ray.workload import RequestShape, Segment, Workflow
 
 StageKey = tuple[str, str]  # (workflow_id, stage_id)
 
@@ -76,10 +75,14 @@ class ShardFailed:
 
 @dataclass(frozen=True, slots=True)
 class WorkerStateReported:
+    """A worker's view of its device: residency, and either every cached block (`blocks`, replacing the
+    planner's belief) or the blocks its engines evicted since its last report (`removed`)."""
+
     device_id: str
     now_s: float
     residency: Mapping[str, Residency]
-    blocks: Mapping[str, tuple[int, ...]]  # model -> cached block hashes
+    blocks: Mapping[str, tuple[int, ...]] | None = None  # model -> cached block hashes; None: unchanged
+    removed: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # model -> blocks evicted since
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,6 +144,12 @@ class PrefixCache:
                 evicted += 1
         return evicted
 
+    def discard(self, hashes: Iterable[int]) -> None:
+        """Forget blocks the engine evicted (their stale touches in the log are skipped later)."""
+        tick = self._tick
+        for h in hashes:
+            tick.pop(h, None)
+
     def blocks(self) -> tuple[int, ...]:
         """Blocks from least to most recently used."""
         return tuple(h for h, _ in sorted(self._tick.items(), key=lambda kv: kv[1]))
@@ -276,12 +282,23 @@ class DeviceState:
             del self.busy[model]
         self.last_used_s[model] = now_s
 
-    def replace(self, residency: Mapping[str, Residency], blocks: Mapping[str, Sequence[int]]) -> None:
-        """Adopt a worker's report as the truth (the belief may have drifted, e.g. after a restart)."""
+    def replace(self, residency: Mapping[str, Residency], blocks: Mapping[str, Sequence[int]] | None,
+                removed: Mapping[str, Sequence[int]] | None = None) -> None:
+        """Adopt a worker's report as the truth (the belief may have drifted, e.g. after a restart): its
+        residency, and its cached blocks when it sends them all, else the belief less what it evicted."""
         self.residency = {m: r for m, r in residency.items() if r != "ABSENT"}
         models = self.cluster.models
-        self.caches = {m: PrefixCache(models[m].cache_capacity_blocks(self.cluster.block_tokens), blocks.get(m, ()))
-                       for m, r in self.residency.items() if r == "ACTIVE"}
+        caches = {}
+        for m, r in self.residency.items():
+            if r != "ACTIVE":
+                continue
+            if blocks is not None or m not in self.caches:
+                held = blocks.get(m, ()) if blocks is not None else ()
+                caches[m] = PrefixCache(models[m].cache_capacity_blocks(self.cluster.block_tokens), held)
+            else:
+                caches[m] = self.caches[m]
+                caches[m].discard((removed or {}).get(m, ()))
+        self.caches = caches
         self.version += 1
 
 
@@ -302,6 +319,8 @@ class DeviceSnapshot:
     running_shards: int
     queued_requests: int  # requests queued or running: the load a request router sees
     last_used_s: Mapping[str, float] = field(default_factory=dict)  # model -> last time a shard of it ended or started
+    # model -> tokens (prompt + expected output) of the requests running now: the KV they hold, not the prefix cache
+    running_tokens: Mapping[str, int] = field(default_factory=dict)
 
     def plan_activation(self, model: str, models: Mapping[str, ModelSpec]) -> ActivationPlan:
         return plan_activation(model, self.residency, self.busy_models, self.last_used_s, self.memory_gib, models)
@@ -327,11 +346,12 @@ class ClusterSnapshot:
 
 
 def snapshot_device(state: DeviceState, concurrency: int, alive: bool, free_at_s: float, running_shards: int,
-                    queued_requests: int) -> DeviceSnapshot:
+                    queued_requests: int, running_tokens: Mapping[str, int] | None = None) -> DeviceSnapshot:
     """Freeze a device's state for one planning round."""
     return DeviceSnapshot(
         device=state.device, memory_gib=state.memory_gib, concurrency=concurrency, alive=alive,
         residency=MappingProxyType(dict(state.residency)), caches=MappingProxyType(dict(state.caches)),
         busy_models=frozenset(state.busy), free_at_s=free_at_s, running_shards=running_shards,
         queued_requests=queued_requests, last_used_s=MappingProxyType(dict(state.last_used_s)),
+        running_tokens=MappingProxyType(dict(running_tokens or {})),
     )

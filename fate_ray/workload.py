@@ -46,6 +46,16 @@ class Segment:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestShape:
+    """A request as the planner's estimator sees it (cost.py): its prompt size, its prompt's full-block hashes
+    (state.block_hashes) and its output length, expected for the planner, drawn for the truth."""
+
+    prompt_tokens: int
+    block_hashes: tuple[int, ...]
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class TextPart:
     """Fixed text known before the workflow runs (system prompt, rendered template)."""
 

@@ -1,8 +1,9 @@
-"""`fate-ray bench` aggregation and output files.
+"""`fate-ray bench` aggregation, statistics and output files.
 
 `aggregate` is fed hand-built per-run records (`JobResult`s) whose ratios to round_robin are chosen by hand; the
-files are those of one real smoke-suite run (the self-consistency example, fate and round_robin, one seed) on the
-shipped mixed cluster, checked against the results.json / results.csv contract.
+files are those of one real smoke-suite run (the self-consistency example, fate and round_robin, one seed, two
+workflows per instance, cold and warm) on the shipped mixed cluster, checked against the results.json /
+results.csv contract.
 """
 
 from __future__ import annotations
@@ -17,23 +18,28 @@ import pytest
 from rich.console import Console
 
 from fate_ray.bench import run_suite
+from fate_ray.bench.report import markdown
 from fate_ray.bench.runner import NORMALISER, JobResult, aggregate
+from fate_ray.bench.stats import BOOTSTRAP_RESAMPLES, best_baseline, bootstrap_ci, geomean, win_rate
 from fate_ray.sim.simulator import percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TOP_KEYS = {"suite", "seeds", "instances", "policies", "per_instance"}
+TOP_KEYS = {"suite", "seeds", "instances", "policies", "per_instance", "best_baseline", "by_group", "by_regime"}
 POLICY_KEYS = {"normalized_makespan", "normalized_p95", "makespan_s", "p95_s", "lb_ratio", "prefix_hit_rate",
-               "model_loads", "plan_ms_p95"}
-ROW_KEYS = {"instance", "seed", "policy", "makespan_s", "p95_s", "lb_s"}
+               "model_loads", "plan_ms_p95", "normalized_makespan_ci95", "normalized_p95_ci95",
+               "vs_best_baseline_makespan", "vs_best_baseline_makespan_ci95", "vs_best_baseline_p95",
+               "vs_best_baseline_p95_ci95", "win_rate_makespan", "win_rate_p95"}
+ROW_KEYS = {"instance", "group", "regime", "seed", "policy", "makespan_s", "p95_s", "lb_s"}
 RR = NORMALISER
 
 
 def run(instance: str, seed: int, policy: str, makespan_s: float, p95_s: float, *, lb_s: float = 10.0,
-        group: str = "", workflows: int = 2, completed: int = 2, loads: int = 0, plan_ms: tuple = (),
-        prompt_tokens: int = 0, cached_tokens: int = 0) -> JobResult:
+        group: str = "", regime: str = "", workflows: int = 2, completed: int = 2, loads: int = 0,
+        plan_ms: tuple = (), prompt_tokens: int = 0, cached_tokens: int = 0) -> JobResult:
     """One (instance, seed, policy) run's record, as `run_job` builds it."""
-    row = {"instance": instance, "group": group, "seed": seed, "policy": policy, "workflows": workflows,
+    row = {"instance": instance, "group": group, "regime": regime, "seed": seed, "policy": policy,
+           "workflows": workflows,
            "completed": completed, "failed": workflows - completed, "makespan_s": makespan_s, "p95_s": p95_s,
            "lb_s": lb_s, "prefix_hit_rate": cached_tokens / prompt_tokens if prompt_tokens else 0.0,
            "model_loads": loads, "model_wakes": 0, "events": 10, "sim_wall_s": 0.01,
@@ -118,16 +124,119 @@ def test_a_round_robin_run_that_completed_nothing_is_not_a_normaliser():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# statistics: bootstrap intervals, the best baseline, ratios to it and win rates
+
+RATIOS = [0.5, 0.8, 1.0, 1.25, 2.0, 0.6]
+
+
+def test_bootstrap_interval_holds_the_estimate_is_deterministic_and_shrinks_with_more_runs():
+    point = geomean(RATIOS)
+    low, high = bootstrap_ci(RATIOS)
+    assert min(RATIOS) < low < point < high < max(RATIOS)
+    assert bootstrap_ci(RATIOS) == [low, high]  # seeded: the same runs give the same interval
+    more = RATIOS * 10  # the same spread over ten times the runs
+    assert geomean(more) == pytest.approx(point)
+    low10, high10 = bootstrap_ci(more)
+    assert low10 < point < high10
+    assert high10 - low10 < (high - low) / 2  # ~1/sqrt(10) as wide
+    assert bootstrap_ci([0.7] * 5) == [0.7, 0.7] and bootstrap_ci([0.7]) == [0.7, 0.7]
+    assert all(math.isnan(v) for v in bootstrap_ci([]))
+    assert BOOTSTRAP_RESAMPLES == 2000
+
+
+def test_aggregate_reports_the_normalised_intervals():
+    runs = [r for k, ratio in enumerate(RATIOS)
+            for r in (run(f"i{k}", 0, RR, 100, 50), run(f"i{k}", 0, "x", 100 * ratio, 50 * ratio))]
+    x = aggregate(runs, [RR, "x"])["policies"]["x"]
+    assert x["normalized_makespan"] == pytest.approx(geomean(RATIOS))
+    assert x["normalized_makespan_ci95"] == pytest.approx(bootstrap_ci(RATIOS))
+    assert x["normalized_p95_ci95"] == pytest.approx(bootstrap_ci(RATIOS))
+    assert aggregate(runs, [RR, "x"])["policies"][RR]["normalized_makespan_ci95"] == [1.0, 1.0]
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([(1, 2), (2, 2), (3, 2)]) == 0.5
+    assert win_rate([(1, 2), (1, 2), (3, 2), (2, 2)]) == 0.625
+    assert math.isnan(win_rate([]))
+
+
+# Three (instance, seed) runs. Against round_robin (100 / 100 each): heft makespan 0.5, 0.6, 0.7 and P95 0.5 ->
+# sqrt(0.594 x 0.5) = 0.545; model_affinity 0.6 and 0.4 -> sqrt(0.24) = 0.490, the best baseline. fate scores
+# better still (makespan 0.3, 0.6, 1.2 -> 0.6; P95 0.2, 0.2, 0.8 -> 0.317) but is no baseline.
+VERSUS = [
+    run("i1", 0, RR, 100, 100), run("i1", 0, "heft", 50, 50), run("i1", 0, "model_affinity", 60, 40),
+    run("i1", 0, "fate", 30, 20),
+    run("i2", 0, RR, 100, 100), run("i2", 0, "heft", 60, 50), run("i2", 0, "model_affinity", 60, 40),
+    run("i2", 0, "fate", 60, 20),
+    run("i1", 1, RR, 100, 100), run("i1", 1, "heft", 70, 50), run("i1", 1, "model_affinity", 60, 40),
+    run("i1", 1, "fate", 120, 80),
+]
+POLICIES = [RR, "heft", "model_affinity", "fate"]
+
+
+def test_best_baseline_is_the_lowest_combined_score_among_the_baselines_run():
+    result = aggregate(VERSUS, POLICIES, baselines=(RR, "random", "heft", "model_affinity"))
+    assert result["best_baseline"] == "model_affinity"
+    summary = result["policies"]
+    assert math.sqrt(summary["heft"]["normalized_makespan"] * summary["heft"]["normalized_p95"]) == \
+        pytest.approx(math.sqrt((0.5 * 0.6 * 0.7) ** (1 / 3) * 0.5))
+    # fate is better but no baseline; a baseline that was not run cannot be chosen; ties go to the earlier name
+    figures = {p: {"normalized_makespan": m, "normalized_p95": q} for p, m, q in
+               [(RR, 1.0, 1.0), ("heft", 0.5, 0.8), ("model_affinity", 0.8, 0.5), ("fate", 0.1, 0.1),
+                ("random", float("nan"), 1.0)]}
+    assert best_baseline(figures, ["random", RR, "heft", "model_affinity"]) == "heft"
+    assert best_baseline(figures, ["random", RR, "model_affinity", "heft"]) == "model_affinity"
+    assert best_baseline(figures, ["least_loaded", RR]) == RR
+    assert best_baseline(figures, ["random"]) is None
+    assert aggregate(VERSUS, [RR, "fate"], baselines=(RR, "heft"))["best_baseline"] == RR
+
+
+def test_ratio_to_the_best_baseline_and_win_rate_by_hand():
+    """fate / model_affinity per run: makespan 0.5, 1.0, 2.0 -> 1.0, wins 1 + half a tie of 3 = 0.5; P95 0.5, 0.5,
+    2.0 -> 0.5 ** (1/3), wins 2 of 3. heft: makespan 5/6, 1, 7/6 -> (35/36) ** (1/3), win rate 0.5; P95 1.25 each,
+    never a win. The best baseline against itself: 1.0, [1.0, 1.0], ties only (0.5)."""
+    summary = aggregate(VERSUS, POLICIES, baselines=(RR, "heft", "model_affinity"))["policies"]
+    fate, heft, best = summary["fate"], summary["heft"], summary["model_affinity"]
+    assert fate["vs_best_baseline_makespan"] == pytest.approx(1.0)
+    assert fate["win_rate_makespan"] == pytest.approx(0.5)
+    assert fate["vs_best_baseline_p95"] == pytest.approx(0.5 ** (1 / 3))
+    assert fate["win_rate_p95"] == pytest.approx(2 / 3)
+    assert fate["vs_best_baseline_p95_ci95"] == pytest.approx(bootstrap_ci([0.5, 0.5, 2.0]))
+    assert heft["vs_best_baseline_makespan"] == pytest.approx((35 / 36) ** (1 / 3))
+    assert (heft["win_rate_makespan"], heft["vs_best_baseline_p95"], heft["win_rate_p95"]) == \
+        pytest.approx((0.5, 1.25, 0.0))
+    assert (best["vs_best_baseline_makespan"], best["vs_best_baseline_makespan_ci95"], best["win_rate_makespan"]) \
+        == (1.0, [1.0, 1.0], 0.5)
+
+
+def test_groups_and_regimes_compare_with_the_suite_best_baseline():
+    """Run i2 is warm, the others cold: by regime, fate / model_affinity makespan is 1.0 (warm) and sqrt(0.5 x 2)."""
+    runs = [JobResult({**r.row, "regime": "warm" if r.row["instance"] == "i2" else "cold",
+                       "group": "warm" if r.row["instance"] == "i2" else "cold"}, []) for r in VERSUS]
+    result = aggregate(runs, POLICIES, baselines=(RR, "heft", "model_affinity"))
+    assert list(result["by_regime"]) == list(result["by_group"]) == ["cold", "warm"]
+    warm, cold = result["by_regime"]["warm"]["fate"], result["by_regime"]["cold"]["fate"]
+    assert (warm["vs_best_baseline_makespan"], warm["win_rate_makespan"]) == (1.0, 0.5)
+    assert cold["vs_best_baseline_makespan"] == pytest.approx(1.0) and cold["win_rate_makespan"] == 0.5
+    assert cold["vs_best_baseline_p95"] == pytest.approx(1.0)  # 0.5 and 2.0
+    text = markdown({"suite": "t", "seeds": [0, 1], "instances": ["i1", "i2"], **result})
+    assert "best baseline model_affinity" in text and "**t: regime warm**" in text
+    assert "**t: warm**" not in text  # a group that is just a regime is not repeated
+    assert "| fate | 0.600 [" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # results.json / results.csv of a real run
 
 
 @pytest.fixture(scope="module")
 def bench(mixed_cluster, tmp_path_factory):
-    """One smoke-suite run of the self-consistency example: 2 instances x 1 seed x (round_robin, fate), ~1 s."""
+    """One smoke-suite run of the self-consistency example, two workflows per instance: 2 instances x 2 regimes x
+    1 seed x (round_robin, fate), ~2 s."""
     out = tmp_path_factory.mktemp("bench")
     example = str(ROOT / "workflows" / "self_consistency.yaml")
     results = run_suite("smoke", mixed_cluster, ["fate"], 1, out, dags=[example], jobs=1,
-                        console=Console(file=io.StringIO()))
+                        console=Console(file=io.StringIO()), workflows_per_instance=2)
     return out, results
 
 
@@ -135,16 +244,23 @@ def test_results_json_holds_the_contract_keys(bench):
     out, results = bench
     data = json.loads((out / "results.json").read_text())
     assert TOP_KEYS <= set(data)
-    assert (data["suite"], data["seeds"], data["instances"]) == ("smoke", [0], ["examples-mixed", "examples-batch"])
+    assert (data["suite"], data["seeds"], data["instances"]) == (
+        "smoke", [0], ["examples-mixed@cold", "examples-mixed@warm", "examples-batch@cold", "examples-batch@warm"])
     assert list(data["policies"]) == [RR, "fate"]  # round_robin is always run, first, as the normaliser
     for policy, figures in data["policies"].items():
         assert POLICY_KEYS <= set(figures), policy
     assert [(r["instance"], r["seed"], r["policy"]) for r in data["per_instance"]] == [
-        ("examples-batch", 0, RR), ("examples-batch", 0, "fate"),
-        ("examples-mixed", 0, RR), ("examples-mixed", 0, "fate")]
+        (f"examples-{kind}@{regime}", 0, p) for kind in ("batch", "mixed") for regime in ("cold", "warm")
+        for p in (RR, "fate")]
     for row in data["per_instance"]:
         assert ROW_KEYS <= set(row)
+        assert row["workflows"] == row["completed"] == 2 and row["group"] == row["regime"]
     assert data["per_instance"] == results["per_instance"]
+    assert list(data["by_regime"]) == list(data["by_group"]) == ["cold", "warm"]
+    assert data["best_baseline"] == RR and data["workflows_per_instance"] == 2
+    warm = [r for r in data["per_instance"] if r["regime"] == "warm"]
+    cold = [r for r in data["per_instance"] if r["regime"] == "cold"]
+    assert sum(r["model_loads"] for r in warm) < sum(r["model_loads"] for r in cold)
 
 
 def test_round_robin_normalises_to_exactly_one_and_fate_to_its_geometric_mean(bench):
@@ -154,9 +270,12 @@ def test_round_robin_normalises_to_exactly_one_and_fate_to_its_geometric_mean(be
     assert rr["normalized_makespan"] == 1.0 and rr["normalized_p95"] == 1.0
     rows = {(r["instance"], r["policy"]): r for r in data["per_instance"]}
     ratios = [rows[(i, "fate")]["makespan_s"] / rows[(i, RR)]["makespan_s"] for i in data["instances"]]
-    assert data["policies"]["fate"]["normalized_makespan"] == pytest.approx(math.sqrt(ratios[0] * ratios[1]))
+    fate = data["policies"]["fate"]
+    assert fate["normalized_makespan"] == pytest.approx(math.prod(ratios) ** (1 / 4))
+    low, high = fate["normalized_makespan_ci95"]
+    assert low <= fate["normalized_makespan"] <= high
     lb = [rows[(i, RR)]["makespan_s"] / rows[(i, RR)]["lb_s"] for i in data["instances"]]
-    assert rr["lb_ratio"] == pytest.approx(math.sqrt(lb[0] * lb[1]))
+    assert rr["lb_ratio"] == pytest.approx(math.prod(lb) ** (1 / 4))
 
 
 def test_results_csv_has_one_row_per_run_with_the_contract_columns(bench):
@@ -166,9 +285,14 @@ def test_results_csv_has_one_row_per_run_with_the_contract_columns(bench):
         header, rows = reader.fieldnames, list(reader)
     assert ROW_KEYS <= set(header)
     assert header == list(results["per_instance"][0])  # the same columns, in the record's order
-    assert len(rows) == len(results["per_instance"]) == 4
+    assert len(rows) == len(results["per_instance"]) == 8
     for got, want in zip(rows, results["per_instance"], strict=True):
         assert (got["instance"], int(got["seed"]), got["policy"]) == (want["instance"], want["seed"], want["policy"])
         for key in ("makespan_s", "p95_s", "lb_s"):
             assert float(got[key]) == want[key]  # written in full precision
-    assert (out / "results.md").is_file() and (out / "summary.png").stat().st_size > 0
+    assert (out / "summary.png").stat().st_size > 0
+    text = (out / "results.md").read_text()
+    assert "**smoke: regime cold**" in text and "**smoke: regime warm**" in text
+    fate = results["policies"]["fate"]
+    low, high = fate["normalized_makespan_ci95"]
+    assert f"| fate | {fate['normalized_makespan']:.3f} [{low:.3f}, {high:.3f}] |" in text

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from fate_ray.controller import Controller
+from fate_ray.controller import DEFAULT_QUEUE_ORDER, QUEUE_ORDERS, Controller
 from fate_ray.cost import CostEstimator
 from fate_ray.events import (
     Dispatch,
+    LoadModel,
     ShardFailed,
     ShardFinished,
     StageDone,
@@ -22,7 +23,7 @@ from fate_ray.events import (
     WorkflowReleased,
     WorkflowSubmitted,
 )
-from fate_ray.policies import Assignment, Plan, Policy, PolicyContext, make_policy
+from fate_ray.policies import BASELINES, Assignment, Plan, Policy, PolicyContext, make_policy
 from fate_ray.policies.base import PlanContractError
 from fate_ray.state import block_hashes
 from fate_ray.status import DeviceStatus, WorkflowStatus
@@ -213,7 +214,10 @@ def test_a_stream_of_resident_model_shards_does_not_starve_the_queue_head(make_c
 
 
 def test_status_is_a_frozen_copy_with_stage_counts_devices_and_the_outputs_asked_for(tiny_cluster):
-    """A status taken after w1's first stage keeps its figures while the Controller moves on."""
+    """A status taken after w1's first stage keeps its figures while the Controller moves on.
+
+    gpu1 also holds b: when w1 arrived, the generic prefetch (issue 8) loaded its second stage's model on the fastest
+    idle device. RoundRobin does not look, and sends s2 to gpu2 anyway."""
     ctl = make_controller(tiny_cluster)
     [s1] = dispatches(submit(ctl, workflow("w1", stage("s1", "a"), stage("s2", "b", parents=("s1",)))))
     submit(ctl, workflow("w2", stage("s", "a", key=10)))
@@ -224,7 +228,8 @@ def test_status_is_a_frozen_copy_with_stage_counts_devices_and_the_outputs_asked
         assert status.now_s == 11.0
         assert dict(status.workflows) == {"w1": WorkflowStatus("w1", 1, 2, False, ""),
                                           "w2": WorkflowStatus("w2", 0, 1, False, "")}
-        assert status.devices == (DeviceStatus(GPU0, True, 0, 2, 0, ("a",)), DeviceStatus(GPU1, True, 1, 2, 0, ("a",)),
+        assert status.devices == (DeviceStatus(GPU0, True, 0, 2, 0, ("a",)),
+                                  DeviceStatus(GPU1, True, 1, 2, 0, ("a", "b")),
                                   DeviceStatus(GPU2, True, 1, 1, 0, ("b",)), DeviceStatus(GPU3, True, 0, 1, 0, ()))
         assert set(status.outputs) == {"w1"}
         assert dict(status.outputs["w1"]["s1"].outputs) == {0: "hello"}
@@ -336,4 +341,139 @@ def test_submitting_a_workflow_id_twice_is_refused_before_anything_changes(tiny_
     with pytest.raises(ValueError, match="already submitted"):
         submit(ctl, wf, 1.0)
     assert ctl.status().stats.shards_dispatched == 1 and ctl._dag_users == {id(wf.stages): 1}
+    ctl.validate_state()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Controller disciplines every policy shares (issue 8): the queue order and the generic prefetch
+
+ALL_POLICIES = (*BASELINES, "fate")
+
+
+def parent_and_child(wid: str = "w") -> Workflow:
+    """p (model a) then c (model b, absent everywhere at first)."""
+    return workflow(wid, stage("p", "a"), stage("c", "b", parents=("p",), key=50))
+
+
+def loads(commands) -> list[LoadModel]:
+    return [c for c in commands if isinstance(c, LoadModel)]
+
+
+@pytest.mark.parametrize("name", ALL_POLICIES)
+def test_every_policy_gets_the_generic_prefetch_of_its_next_stages_model(tiny_cluster, name):
+    """Wherever the policy puts p, b is loaded ahead on the fastest idle device p does not use: gpu0, or gpu1 when
+    p went to gpu0 (both fast; the lower index first)."""
+    ctl = make_controller(tiny_cluster, name)
+    commands = submit(ctl, parent_and_child())
+    [p] = dispatches(commands)
+    expected = GPU1 if p.device_id == GPU0 else GPU0
+    assert loads(commands) == [LoadModel(expected, "b", (), "load", 0.0)]
+    assert ctl.status().stats.prefetches == 1
+    assert "b" in ctl.status().devices[int(expected[-1])].active_models
+    ctl.validate_state()
+
+
+@pytest.mark.parametrize("name", ALL_POLICIES)
+def test_no_policy_gets_a_prefetch_when_the_controller_flag_is_off(tiny_cluster, name):
+    estimator = CostEstimator(tiny_cluster)
+    ctl = Controller(tiny_cluster, make_policy(name, PolicyContext(tiny_cluster, estimator)), estimator,
+                     prefetch=False)
+    assert loads(submit(ctl, parent_and_child())) == []
+    assert ctl.status().stats.prefetches == 0
+
+
+def test_fate_no_prefetch_is_fate_with_the_controller_prefetch_off(tiny_cluster):
+    ctl = make_controller(tiny_cluster, "fate-no-prefetch")
+    assert loads(submit(ctl, parent_and_child())) == []
+
+
+def test_the_generic_prefetch_prefers_a_sleeping_copy_and_skips_a_model_already_active(tiny_cluster):
+    """b asleep on gpu3 (slow): woken there rather than loaded cold on an idle fast device. A second workflow
+    needing b then gets no prefetch: b is ACTIVE somewhere."""
+    ctl = make_controller(tiny_cluster, "least_loaded")
+    ctl.handle(WorkerStateReported(GPU3, 0.0, {"b": "SLEEPING"}, {}))
+    assert loads(submit(ctl, parent_and_child("w1"))) == [LoadModel(GPU3, "b", (), "wake", 0.0)]
+    assert loads(submit(ctl, parent_and_child("w2"), 1.0)) == []
+
+
+def test_the_generic_prefetch_does_not_evict_a_model_the_frontier_needs(tiny_cluster):
+    """Slow devices only, both holding a. p (a) goes to gpu2; loading b (4 GiB) on idle gpu3 (5 GiB) would evict a
+    (3 GiB), which the frontier needs: no prefetch. With a absent from gpu3, b is loaded there."""
+    for gpu3_holds, expected in (({"a": "ACTIVE"}, []), ({}, [LoadModel(GPU3, "b", (), "load", 0.0)])):
+        ctl = make_controller(tiny_cluster, "model_affinity")
+        for device_id in (GPU0, GPU1):
+            ctl.handle(WorkerLost(device_id, 0.0))
+        ctl.handle(WorkerStateReported(GPU2, 0.0, {"a": "ACTIVE"}, {}))
+        ctl.handle(WorkerStateReported(GPU3, 0.0, gpu3_holds, {}))
+        commands = submit(ctl, parent_and_child())
+        assert where(dispatches(commands)) == [("w", GPU2, (0,))]
+        assert loads(commands) == expected
+
+
+def test_the_generic_prefetch_skips_a_busy_device(tiny_cluster):
+    """gpu0 runs w0 when w1 arrives; w1's p goes to gpu1. gpu0 is fast and has room for b, but it is busy: b is
+    loaded on the fastest idle device, a slow one."""
+    ctl = make_controller(tiny_cluster, "least_loaded")
+    [w0] = dispatches(submit(ctl, workflow("w0", stage("s", "a", key=90))))
+    assert w0.device_id == GPU0
+    commands = submit(ctl, parent_and_child("w1"), 1.0)
+    assert where(dispatches(commands)) == [("w1", GPU1, (0,))]
+    assert loads(commands) == [LoadModel(GPU2, "b", (), "load", 1.0)]
+
+
+class _OwnPrefetch(Policy):
+    """Places everything on gpu0 and asks for its own prefetch of b on gpu3."""
+
+    name = "test-own-prefetch"
+    own_prefetch = True
+
+    def plan(self, snapshot, frontier):
+        return Plan(tuple(Assignment(f.key, GPU0, f.request_indices) for f in frontier), prefetch=(("b", GPU3),))
+
+
+def test_a_policy_with_its_own_prefetch_replaces_the_generic_one(tiny_cluster):
+    estimator = CostEstimator(tiny_cluster)
+    ctl = Controller(tiny_cluster, _OwnPrefetch(PolicyContext(tiny_cluster, estimator)), estimator)
+    assert loads(submit(ctl, parent_and_child())) == [LoadModel(GPU3, "b", (), "load", 0.0)]  # not gpu1
+
+
+def test_an_unknown_queue_order_is_refused(tiny_cluster):
+    estimator = CostEstimator(tiny_cluster)
+    with pytest.raises(ValueError, match="unknown queue order 'lifo'; known: fifo, rank, arrival"):
+        Controller(tiny_cluster, make_policy("heft", PolicyContext(tiny_cluster, estimator)), estimator,
+                   queue_order="lifo")
+
+
+def test_the_cli_offers_the_controllers_queue_orders_with_its_default_first():
+    from fate_ray.cli import QUEUE_ORDERS as CLI_ORDERS
+
+    assert set(CLI_ORDERS) == set(QUEUE_ORDERS) and CLI_ORDERS[0] == DEFAULT_QUEUE_ORDER
+
+
+# Three workflows queue behind w0 on gpu2, the only live device. Placed in the order X, Y, Z; arrivals 2, 3, 1;
+# upward ranks (prompt 40, 400, 200 tokens on a slow device) low, high, middle.
+QUEUE_EXPECTED = {"fifo": ["X", "Y", "Z"], "arrival": ["Z", "X", "Y"], "rank": ["Y", "Z", "X"]}
+
+
+@pytest.mark.parametrize("order", QUEUE_ORDERS)
+@pytest.mark.parametrize("name", ALL_POLICIES)
+def test_every_policy_runs_its_queues_in_the_controllers_order(tiny_cluster, name, order):
+    estimator = CostEstimator(tiny_cluster)
+    ctl = Controller(tiny_cluster, make_policy(name, PolicyContext(tiny_cluster, estimator)), estimator,
+                     queue_order=order)
+    assert ctl.queue_order == order
+    for device_id in (GPU0, GPU1, GPU3):
+        ctl.handle(WorkerLost(device_id, 0.0))
+    [running] = dispatches(submit(ctl, workflow("w0", stage("s", "a")), 0.0))
+    for wid, arrival_s, tokens, now_s, key in (("X", 2.0, 40, 2.0, 100), ("Y", 3.0, 400, 3.0, 200),
+                                               ("Z", 1.0, 200, 4.0, 300)):
+        prompts = ((TextPart(key, tokens),),)
+        wf = workflow(wid, Stage("s", "a", (), 1, prompts, expected_output_tokens=10, max_tokens=20),
+                      arrival_s=arrival_s)
+        assert submit(ctl, wf, now_s) == []
+    started = []
+    for k in range(3):
+        [running] = dispatches(finish(ctl, running, 10.0 + k))
+        started.append(running.shard.workflow_id)
+    assert started == QUEUE_EXPECTED[order]
     ctl.validate_state()

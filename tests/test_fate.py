@@ -24,6 +24,7 @@ from fate_ray.policies.fate.greedy import RoundLedger, greedy_counts
 from fate_ray.policies.fate.planner import FatePolicy
 from fate_ray.policies.fate.scoring import Candidate, Scorer, Terms
 from fate_ray.policies.fate.validate import InvalidPlan, validate_plan
+from fate_ray.prefetch import generic_prefetch
 from fate_ray.progress import DagInfo
 from fate_ray.state import ClusterSnapshot, DeviceSnapshot
 from fate_ray.workload import ContextPart, Stage, TextPart
@@ -405,23 +406,33 @@ def parent_and_child(child_model: str) -> ReadyStage:
     return stage("p", dag=dag)
 
 
+# FATE's prefetch became the Controller's generic prefetch (issue 8: every policy gets it), so these tests now check
+# that rule (fate_ray/prefetch.py) on FATE's plans; FATE itself returns no prefetch, and its `prefetch=False`
+# setting only opts it out of the Controller's (the Controller side: tests/test_controller.py).
+
+
 def test_prefetch_loads_a_childs_absent_model_on_an_idle_device(tiny_cluster):
-    plan = FatePolicy(PolicyContext(tiny_cluster, CostEstimator(tiny_cluster))).plan(
-        snapshot(tiny_cluster), [parent_and_child("b")])
+    estimator = CostEstimator(tiny_cluster)
+    frontier = [parent_and_child("b")]
+    plan = FatePolicy(PolicyContext(tiny_cluster, estimator)).plan(snapshot(tiny_cluster), frontier)
     (parent_device,) = {a.device_id for a in plan.assignments}
-    assert len(plan.prefetch) == 1
-    model, device_id = plan.prefetch[0]
+    assert plan.prefetch == ()
+    prefetch = generic_prefetch(snapshot(tiny_cluster), frontier, {parent_device}, tiny_cluster, estimator)
+    assert len(prefetch) == 1
+    model, device_id = prefetch[0]
     assert model == "b" and device_id != parent_device and device_id in (G0, G1)  # the other fast device
-    off = FatePolicy(PolicyContext(tiny_cluster, CostEstimator(tiny_cluster)), FateConfig(prefetch=False))
-    assert off.plan(snapshot(tiny_cluster), [parent_and_child("b")]).prefetch == ()
+    assert not FatePolicy(PolicyContext(tiny_cluster, estimator)).own_prefetch
+    assert FatePolicy(PolicyContext(tiny_cluster, estimator), FateConfig(prefetch=False)).own_prefetch
 
 
 def test_prefetch_does_not_load_a_model_the_same_plan_already_loads(tiny_cluster):
     # Nothing is resident; the parent (model a) is placed on some device, which loads a there for it. Its child
     # also uses a and can only start once the parent ended, i.e. once a is ACTIVE on the parent's device.
-    plan = FatePolicy(PolicyContext(tiny_cluster, CostEstimator(tiny_cluster))).plan(
-        snapshot(tiny_cluster), [parent_and_child("a")])
-    assert [m for m, _ in plan.prefetch] == []
+    estimator = CostEstimator(tiny_cluster)
+    frontier = [parent_and_child("a")]
+    plan = FatePolicy(PolicyContext(tiny_cluster, estimator)).plan(snapshot(tiny_cluster), frontier)
+    placed_on = {a.device_id for a in plan.assignments}
+    assert generic_prefetch(snapshot(tiny_cluster), frontier, placed_on, tiny_cluster, estimator) == ()
 
 
 def test_a_scaled_cluster_has_its_own_devices_even_after_the_base_was_read(mixed_cluster):

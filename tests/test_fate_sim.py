@@ -96,7 +96,7 @@ from fate_ray.cost import CostEstimator
 from fate_ray.schema.cluster import default_cluster_path, load_cluster
 from fate_ray.sim.simulator import SimConfig, simulate
 cluster = load_cluster(default_cluster_path())
-instance = real_dag_instances([sys.argv[1]], cluster)[0]
+instance = real_dag_instances([sys.argv[1]], cluster, workflows_per_instance=6)[0]
 result = simulate(cluster, instance.realise(0, CostEstimator(cluster)), "fate", SimConfig(seed=0), record_trace=True)
 print(hashlib.sha256(json.dumps(result.trace).encode()).hexdigest())
 """

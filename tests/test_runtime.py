@@ -142,13 +142,13 @@ def test_the_runtime_makes_the_simulators_assignments(ray_cluster, cluster, tmp_
     """Same policy, same workload, deterministic durations: the Ray runtime with SimEngine places every stage on
     the device the simulator does, in the same order. The workload is a chain (plus one side stage), so no two
     finishes race in wall time; stages dispatched in one round are compared as a set."""
-    from fate_ray.engines.modelled_device import NoiseModel
+    from fate_ray.engines.physics import Draws
     from fate_ray.sim.simulator import SimConfig, simulate
 
     wfs = examples(cluster, ["multiturn_chain"])
-    sim = simulate(cluster, wfs, "fate", SimConfig(seed=0, phase_sigma=0.0, output_sigma=0.0), record_trace=True)
+    sim = simulate(cluster, wfs, "fate", SimConfig(seed=0, output_sigma=0.0, load_noise=False), record_trace=True)
     expected = sorted((r["start_s"], r["stage"], r["device"]) for r in sim.trace_rows())
-    cfg = RunConfig(policy="fate", time_scale=0.005, out_dir=tmp_path, noise=NoiseModel(0, 0.0, 0.0))
+    cfg = RunConfig(policy="fate", time_scale=0.005, out_dir=tmp_path, draws=Draws(0, 0.0, False))
     planner, workers = start_actors(cluster, cfg, name_suffix=f"-t{next(_suffix)}")
     try:
         summary = run_workflows(cluster, wfs, cfg, planner=planner)

@@ -15,11 +15,13 @@ from fate_ray.traces import (
     catalog_models_of,
     load_alibaba,
     load_dags,
+    load_lmcache,
     load_mooncake,
     load_parrot_metagpt,
     load_wfcommons,
 )
-from fate_ray.workload import ContextPart, OutputPart, TextPart, Workflow, stable_key
+from fate_ray.traces.common import models_by_type, rng_for
+from fate_ray.workload import ContextPart, OutputPart, TextPart, Workflow, expected_prompt_tokens, stable_key
 
 REALDAGS = Path(__file__).resolve().parents[2] / "shared" / "realdags"
 ALIBABA_HEADER = "task_name,job_name,instance_num,status,start_time,end_time,field7,plan_cpu,plan_mem"
@@ -237,6 +239,74 @@ def test_mooncake_shared_blocks_share_keys(tmp_path):
     assert len(load_mooncake(path, limit=2)) == 2
 
 
+# --- LMCache agent sessions -------------------------------------------------------------------------------------
+
+GREETING = "Hi! How can I help you today?"  # 29 characters -> 8 tokens at 4 characters per token
+LMCACHE_LINES = [
+    {"timestamp": 1_000_000, "input": GREETING, "output": "I need to change a flight.", "session_id": "s1"},
+    {"timestamp": 2_000_000, "input": "I need to change a flight.", "output": "Sure, what is your reservation id?",
+     "session_id": "s1"},
+    {"timestamp": 3_000_000, "input": GREETING + "\n\nWhat is your reservation id?", "output": "",
+     "session_id": "s1"},
+    {"timestamp": 1_500_000, "input": "x" * 40, "output": "y" * 9, "session_id": "s2"},
+    {"timestamp": "soon", "input": "?", "output": "", "session_id": "s2"},
+]
+
+
+def write_lmcache(path: Path, order: tuple[int, ...] = (0, 2, 1, 3, 4)) -> Path:
+    """The calls above, written out of time order (and a blank line)."""
+    path.write_text("\n".join(json.dumps(LMCACHE_LINES[k]) for k in order) + "\n\n")
+    return path
+
+
+def test_lmcache_sessions_are_chains_whose_context_grows(tmp_path, catalog):
+    """s1 in time order: the greeting (8 tokens), then a new text (26 chars, 7 tokens), then the greeting again
+    plus 30 new characters (8 tokens): only text no earlier call of the session sent counts as new input."""
+    path = write_lmcache(tmp_path / "trace.jsonl")
+    with pytest.warns(TraceWarning, match=r"trace\.jsonl:5: not an LMCache agent call"):
+        sessions = load_lmcache(path, 7, catalog)
+    assert [w.workflow_id for w in sessions] == ["s1", "s2"]
+    s1, s2 = sessions
+    for wf in sessions:
+        check_dag(wf)
+    assert (s1.arrival_s, s2.arrival_s) == (0.0, 0.5) and s1.source == str(path)
+    assert s1.order == ("call0", "call1", "call2")
+    c0, c1, c2 = (s1.stages[s] for s in s1.order)
+    assert c0.prompts == ((TextPart(stable_key("lmcache", "s1", 0), 8),),)
+    assert c1.prompts == ((ContextPart("call0", 0), TextPart(stable_key("lmcache", "s1", 1), 7)),)
+    assert c2.prompts == ((ContextPart("call1", 0), TextPart(stable_key("lmcache", "s1", 2), 8)),)
+    assert (c1.parents, c1.continues, c2.continues) == (("call0",), "call0", "call1")
+    assert [(c.expected_output_tokens, c.max_tokens) for c in (c0, c1, c2)] == [(7, 14), (9, 18), (1, 2)]
+    assert expected_prompt_tokens(s1)["call2"] == [8 + 7 + 7 + 9 + 8]  # every earlier prompt and output
+    assert s2.order == ("call0",) and s2.stages["call0"].prompts[0][0].tokens == 10
+    model = models_by_type({"s1": 1}, rng_for(7, path, "s1"), catalog)["s1"]
+    assert {st.model for st in s1.stages.values()} == {model} and model in catalog
+    (tmp_path / "again").mkdir()
+    with pytest.warns(TraceWarning):  # the same file name (the model draw is keyed by it), the lines shuffled
+        again = load_lmcache(write_lmcache(tmp_path / "again" / "trace.jsonl", (3, 1, 4, 0, 2)), 7, catalog)
+    assert again[0].stages == s1.stages  # only time orders the calls
+
+
+def test_lmcache_errors_name_the_file(tmp_path, catalog):
+    folder = tmp_path / "agents"
+    folder.mkdir()
+    write_lmcache(folder / "a.jsonl", (0, 1, 2, 3))
+    (folder / "empty.jsonl").write_text("")
+    (folder / "mooncake.jsonl").write_text('{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1]}')
+    with pytest.warns(TraceWarning, match=r"empty\.jsonl:1: empty file"):
+        assert [w.workflow_id for w in load_lmcache(folder, 1, catalog)] == ["s1", "s2"]
+    assert load_dags(folder, 1, catalog) == []  # not a DAG format
+    with pytest.raises(InputError, match=r"mooncake\.jsonl:1: not an LMCache agent trace"):
+        load_lmcache(folder / "mooncake.jsonl", 1, catalog)
+    with pytest.raises(InputError, match=r"empty\.jsonl:1: .*no LMCache agent call"):
+        load_lmcache(folder / "empty.jsonl", 1, catalog)
+    (folder / "bad.jsonl").write_text(json.dumps(LMCACHE_LINES[0]) + "\n{oops\n")
+    with pytest.raises(InputError, match=r"bad\.jsonl:2: .*not valid JSON"):
+        load_lmcache(folder, 1, catalog)
+    with pytest.raises(InputError, match="nope.*no such file"):
+        load_lmcache(tmp_path / "nope", 1, catalog)
+
+
 # --- load_dags and errors ---------------------------------------------------------------------------------------
 
 def test_load_dags_reads_a_folder_and_ignores_other_files(tmp_path, catalog):
@@ -303,6 +373,26 @@ def test_real_wfcommons_and_alibaba_import_as_dags(realdags, catalog):
     for wf in workflows + jobs:
         check_dag(wf)
     assert max(s.num_requests for j in jobs for s in j.stages.values()) == 64
+
+
+def test_real_lmcache_sessions_import_as_chains(realdags, catalog):
+    folder = realdags / "lmcache_agent_trace" / "taubench"
+    records = [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in f.read_text().splitlines()
+               if line.strip()]
+    with pytest.warns(TraceWarning, match="empty file"):  # the folder ships one empty session file
+        sessions = load_lmcache(folder, 0, catalog)
+    assert len(sessions) == len({r["session_id"] for r in records}) == 24
+    assert sum(len(w.stages) for w in sessions) == len(records) == 471  # README: "471 calls"
+    assert sessions[0].arrival_s == 0.0 and [w.arrival_s for w in sessions] == sorted(w.arrival_s for w in sessions)
+    for wf in sessions:
+        check_dag(wf)
+        assert len(wf.models) == 1
+        prompts = expected_prompt_tokens(wf)
+        sizes = [prompts[sid][0] for sid in wf.order]
+        assert sizes == sorted(sizes) and sizes[-1] < 16_000  # grows call by call, stays within a context window
+    with pytest.warns(TraceWarning):
+        assert load_lmcache(folder, 0, catalog) == sessions
+    assert len({w.models for w in sessions}) > 1  # sessions draw their models
 
 
 @pytest.mark.slow

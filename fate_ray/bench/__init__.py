@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fate_ray.bench.instances import suite_instances
+from fate_ray.bench.instances import WORKFLOWS_PER_INSTANCE, suite_instances
 from fate_ray.bench.report import print_report, write_outputs
 from fate_ray.bench.runner import NORMALISER, aggregate, run_jobs, throughput
 from fate_ray.schema.cluster import ClusterSpec
@@ -17,11 +17,13 @@ from fate_ray.schema.cluster import ClusterSpec
 
 def run_suite(suite: str, cluster: ClusterSpec, policies: Sequence[str], seeds: int, out_dir: Path,
               dags: Sequence[str] = (), trace: bool = False, jobs: int | None = None,
-              console: Console | None = None) -> dict:
-    """Run a suite, print its table, write results.json/csv/summary.png (and trace.jsonl); return the results."""
+              console: Console | None = None, workflows_per_instance: int = WORKFLOWS_PER_INSTANCE,
+              sim_options: dict | None = None) -> dict:
+    """Run a suite (every instance cold and warm), print its tables, write results.json/csv/md/summary.png (and
+    trace.jsonl); return the results."""
     console = console or Console()
     policies = list(dict.fromkeys([NORMALISER, *policies]))
-    instances = suite_instances(suite, cluster, dags)
+    instances = suite_instances(suite, cluster, dags, workflows_per_instance)
     seed_list = list(range(seeds))
     total = len(instances) * len(seed_list) * len(policies)
     started = time.perf_counter()
@@ -29,7 +31,7 @@ def run_suite(suite: str, cluster: ClusterSpec, policies: Sequence[str], seeds: 
                   console=console, transient=True) as progress:
         task = progress.add_task(f"bench {suite}", total=total)
         job_results = run_jobs(cluster, instances, policies, seed_list, trace=trace, jobs=jobs,
-                               on_done=lambda _: progress.advance(task))
+                               on_done=lambda _: progress.advance(task), sim_options=sim_options)
     wall_s = time.perf_counter() - started
     job_results.sort(key=lambda r: (r.row["instance"], r.row["seed"], policies.index(r.row["policy"])))
     results = {
@@ -37,6 +39,8 @@ def run_suite(suite: str, cluster: ClusterSpec, policies: Sequence[str], seeds: 
         "cluster": cluster.name,
         "seeds": seed_list,
         "instances": [i.name for i in instances],
+        "workflows_per_instance": workflows_per_instance,
+        "sim_options": dict(sim_options or {}),  # Controller settings every policy shared (defaults when empty)
         **aggregate(job_results, policies),
         "per_instance": [r.row for r in job_results],
         "wall_s": wall_s,

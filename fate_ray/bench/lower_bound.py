@@ -1,49 +1,100 @@
-"""A best-case bound on an instance's makespan, to report how far a schedule is from the limit.
+"""A lower bound on one run's makespan, from that run's realised draws and the engine model's best case.
 
     LB = max(work bound, path bound) - first arrival
-    work bound = first arrival + (sum over workflows of best-case work + one cold load per model used)
-                 / number of devices
-    path bound = max over workflows of (arrival + best-case critical path)
 
-Every device starts empty, so a stage cannot start before its model's fastest cold load has finished (counted
-from time 0 on the critical path) and every model used is loaded at least once (counted in the work).
-Best case = every stage as one batch on its fastest device type, model resident, no queue, expected output
-lengths (cost.py, stateless). It is an estimate, not a proof: prefix-cache hits can make prefill cheaper than
-"best case", and the run's noise and output lengths differ from the expectation.
+Best case, each assumption at least as fast as anything the engine model (fate_ray/engines/) can do:
+- output lengths are the run's own draws (physics.Draws with the run's seed: the same for every policy);
+- every prompt token that could come from a cache does: a parent's output or context is never prefilled again,
+  and each distinct fixed text (a `TextPart` key) is prefilled once in the whole run, at the device type's raw
+  prefill rate with no attention cost;
+- a decode token costs the least any batch size up to MAX_NUM_SEQS can give per token, with no context read
+  (physics.EnginePhysics.decode_step_ms with the context term at its floor), on the fastest device type;
+- a model no device holds at the start cannot serve before the shortest load the engine can draw has passed since
+  the first arrival of a workflow that uses it.
+work bound = first arrival + max(decode of every request, prefill of every distinct text) / number of devices
+             (a mixed step lasts as long as the slower of its prefill chunk and its decodes, so a device's busy
+             time is at least each of its two sums, not their total)
+path bound = max over workflows of the critical path from its arrival: each stage lasts at least its longest
+             request's decode (its tokens after the first x the shortest step) and starts after its parents and
+             its model's load.
+`tests/test_bench_lower_bound.py` checks LB <= makespan on every run of the smoke suite and a real-dag sample.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-from fate_ray.cost import CostEstimator, RequestShape
-from fate_ray.sim.arrivals import best_case_work_s
-from fate_ray.workload import Workflow, expected_prompt_tokens
+from fate_ray.engines.physics import MAX_NUM_SEQS, Draws, EnginePhysics, derive_physics
+from fate_ray.schema.cluster import ClusterSpec
+from fate_ray.sim.simulator import SimConfig
+from fate_ray.workload import TextPart, Workflow
 
 
-def min_load_s(model: str, estimator: CostEstimator) -> float:
-    cluster = estimator.cluster
-    return min(cluster.models[model].profiles[d.type].load_s for d in cluster.devices_for(model))
+class _Best:
+    """Per model, the best figures over the device types that fit it."""
+
+    def __init__(self, cluster: ClusterSpec, perturb: float, seed: int, draws: Draws):
+        self.cluster, self.perturb, self.seed, self.draws = cluster, perturb, seed, draws
+        self._memo: dict[str, tuple[float, float, float, float]] = {}
+
+    def figures(self, model: str) -> tuple[float, float, float, float]:
+        """(decode s per token in a batch, shortest decode step s, prefill s per token, shortest load s)."""
+        out = self._memo.get(model)
+        if out is None:
+            types = {d.type for d in self.cluster.devices_for(model)}
+            phys = [derive_physics(self.cluster, model, t, self.perturb, self.seed) for t in types]
+            out = self._memo[model] = (min(_per_token_s(p) for p in phys), min(_min_step_s(p) for p in phys),
+                                       min(1 / p.prefill_tok_s for p in phys),
+                                       min(self.draws.min_load_s(p) for p in phys))
+        return out
 
 
-def critical_path_end_s(workflow: Workflow, estimator: CostEstimator) -> float:
-    """Earliest possible completion time of `workflow`, from its arrival and the cluster's empty start at t=0."""
-    prompts = expected_prompt_tokens(workflow)
-    finish: dict[str, float] = {}
-    for sid in workflow.order:
-        st = workflow.stages[sid]
-        # Fully sharded, a stage lasts as long as its longest single request.
-        longest = max(estimator.best_service_s(st.model, [RequestShape(prompts[sid][i], (), st.expected_output_tokens)])
-                      for i in range(st.num_requests))
-        ready = max([workflow.arrival_s, min_load_s(st.model, estimator)] + [finish[p] for p in st.parents])
-        finish[sid] = ready + longest
-    return max(finish.values(), default=workflow.arrival_s)
+def _min_step_s(phys: EnginePhysics) -> float:
+    return phys.decode_step_ms(1, 0) / 1000
 
 
-def lower_bound_s(workflows: Sequence[Workflow], estimator: CostEstimator) -> float:
+def _per_token_s(phys: EnginePhysics) -> float:
+    return min(phys.decode_step_ms(b, 0) / b for b in range(1, MAX_NUM_SEQS + 1)) / 1000
+
+
+def lower_bound_s(workflows: Sequence[Workflow], cluster: ClusterSpec, draws: Draws, perturb: float = 0.0,
+                  preloaded: frozenset[str] = frozenset()) -> float:
+    """The bound for `workflows` (with their arrival times) on `cluster`; `preloaded`: models some device holds
+    at t = 0 (the warm regime)."""
+    if not workflows:
+        return 0.0
+    best = _Best(cluster, perturb, draws.seed, draws)
     first = min(w.arrival_s for w in workflows)
-    models = {st.model for w in workflows for st in w.stages.values()}
-    work_s = sum(best_case_work_s(w, estimator) for w in workflows) + sum(min_load_s(m, estimator) for m in models)
-    work = first + work_s / len(estimator.cluster.devices)
-    path = max(critical_path_end_s(w, estimator) for w in workflows)
-    return max(work, path) - first
+    model_first_use: dict[str, float] = {}
+    for w in sorted(workflows, key=lambda w: w.arrival_s):
+        for st in w.stages.values():
+            model_first_use.setdefault(st.model, w.arrival_s)
+    ready_s = {m: -math.inf if m in preloaded else t + best.figures(m)[3] for m, t in model_first_use.items()}
+    decode_s = prefill_total_s = 0.0
+    seen_text: set[int] = set()
+    path_end = -math.inf
+    for w in workflows:
+        finish: dict[str, float] = {}
+        for sid in w.order:
+            st = w.stages[sid]
+            per_token_s, step_s, prefill_s, _ = best.figures(st.model)
+            outs = [draws.output_tokens(w.workflow_id, sid, i, st.expected_output_tokens, st.max_tokens)
+                    for i in range(st.num_requests)]
+            decode_s += sum(outs) * per_token_s
+            for parts in st.prompts:
+                for part in parts:
+                    if isinstance(part, TextPart) and part.key not in seen_text:
+                        seen_text.add(part.key)
+                        prefill_total_s += part.tokens * prefill_s
+            start = max([w.arrival_s, ready_s[st.model]] + [finish[p] for p in st.parents])
+            finish[sid] = start + (max(outs) - 1) * step_s
+        path_end = max(path_end, max(finish.values(), default=w.arrival_s))
+    work_end = first + max(decode_s, prefill_total_s) / len(cluster.devices)
+    return max(work_end, path_end) - first
+
+
+def run_lower_bound_s(workflows: Sequence[Workflow], cluster: ClusterSpec, config: SimConfig) -> float:
+    """The bound of one simulator run, with the run's own draws, perturbation and preloaded models."""
+    preloaded = frozenset(m for _, models in config.initial_models for m in models)
+    return lower_bound_s(workflows, cluster, config.draws(), config.truth_perturb, preloaded)

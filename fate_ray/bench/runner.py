@@ -1,21 +1,23 @@
 """Run every policy on the same instances and seeds, in parallel processes, and aggregate the paper's metrics.
 
 Each job is one (instance, seed, policy) simulation. Every policy of a (instance, seed) pair sees the same arrival
-times, output lengths and noise (sim/truth.py draws them from (seed, what runs)). Normalised figures divide by
-RoundRobin on the same instance and seed and aggregate with the geometric mean (docs/benchmarking.md).
+times and output lengths (the engine model draws them from (seed, what runs)). Normalised figures divide by
+RoundRobin on the same instance and seed and aggregate with the geometric mean, with bootstrap intervals, ratios
+and win rates against the suite's best baseline (bench/stats.py, docs/benchmarking.md).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from fate_ray.bench.instances import Instance
-from fate_ray.bench.lower_bound import lower_bound_s
+from fate_ray.bench.lower_bound import run_lower_bound_s
+from fate_ray.bench.stats import best_baseline, bootstrap_ci, geomean, versus
 from fate_ray.cost import CostEstimator
+from fate_ray.policies.registry import BASELINES
 from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.sim.simulator import SimConfig, percentile, simulate
 
@@ -44,8 +46,8 @@ class JobResult:
 _STATE: dict = {}
 
 
-def _init(cluster: ClusterSpec, instances: Sequence[Instance], trace: bool) -> None:
-    _STATE.update(cluster=cluster, instances=instances, trace=trace)
+def _init(cluster: ClusterSpec, instances: Sequence[Instance], trace: bool, sim_options: dict | None = None) -> None:
+    _STATE.update(cluster=cluster, instances=instances, trace=trace, sim_options=dict(sim_options or {}))
 
 
 def run_job(job: Job) -> JobResult:
@@ -53,10 +55,11 @@ def run_job(job: Job) -> JobResult:
     inst: Instance = _STATE["instances"][job.instance]
     estimator = CostEstimator(cluster)
     workflows = inst.realise(job.seed, estimator)
-    res = simulate(cluster, workflows, job.policy, SimConfig(seed=job.seed), record_trace=_STATE["trace"])
-    lb = lower_bound_s(workflows, estimator)
+    config = SimConfig(seed=job.seed, initial_models=inst.initial_models, **_STATE.get("sim_options", {}))
+    res = simulate(cluster, workflows, job.policy, config, record_trace=_STATE["trace"])
+    lb = run_lower_bound_s(workflows, cluster, config)
     row = {
-        "instance": inst.name, "group": inst.group, "seed": job.seed, "policy": job.policy,
+        "instance": inst.name, "group": inst.group, "regime": inst.regime, "seed": job.seed, "policy": job.policy,
         "workflows": len(workflows), "completed": len(res.completions_s), "failed": len(res.failed),
         "makespan_s": res.makespan_s, "p95_s": res.p95_s, "lb_s": lb,
         "prefix_hit_rate": res.prefix_hit_rate, "model_loads": res.loads, "model_wakes": res.wakes,
@@ -72,18 +75,19 @@ def run_job(job: Job) -> JobResult:
 
 def run_jobs(cluster: ClusterSpec, instances: Sequence[Instance], policies: Sequence[str], seeds: Sequence[int],
              trace: bool = False, jobs: int | None = None,
-             on_done: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+             on_done: Callable[[JobResult], None] | None = None, sim_options: dict | None = None) -> list[JobResult]:
+    """`sim_options`: SimConfig settings every job shares (the Controller's queue_order and prefetch)."""
     todo = [Job(i, s, p) for i in range(len(instances)) for s in seeds for p in policies]
     workers = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
     results: list[JobResult] = []
     if workers == 1:
-        _init(cluster, instances, trace)
+        _init(cluster, instances, trace, sim_options)
         for job in todo:
             results.append(run_job(job))
             if on_done:
                 on_done(results[-1])
         return results
-    with ProcessPoolExecutor(workers, initializer=_init, initargs=(cluster, instances, trace)) as pool:
+    with ProcessPoolExecutor(workers, initializer=_init, initargs=(cluster, instances, trace, sim_options)) as pool:
         for fut in as_completed([pool.submit(run_job, j) for j in todo]):
             results.append(fut.result())
             if on_done:
@@ -91,27 +95,38 @@ def run_jobs(cluster: ClusterSpec, instances: Sequence[Instance], policies: Sequ
     return results
 
 
-def geomean(values: Sequence[float]) -> float:
-    vals = [v for v in values if v > 0]
-    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
-
-
-def aggregate(results: Sequence[JobResult], policies: Sequence[str]) -> dict:
-    """The results.json `policies` mapping (and `by_group` when instances are grouped)."""
+def aggregate(results: Sequence[JobResult], policies: Sequence[str], baselines: Sequence[str] = BASELINES) -> dict:
+    """The results.json `policies`, `by_group` and `by_regime` mappings and `best_baseline` (see bench/stats.py)."""
     rows = [r.row for r in results]
-    # Only complete baseline runs normalise: a partial one would compare a different workload (or divide by 0).
-    base = {(r["instance"], r["seed"]): r for r in rows
-            if r["policy"] == NORMALISER and r["completed"] == r["workflows"]}
-    summary = {p: _summarise([r for r in results if r.row["policy"] == p], base) for p in policies}
+    # Only complete runs are compared: a partial one would compare a different workload (or divide by 0).
+    complete = [r for r in rows if r["completed"] == r["workflows"]]
+    base = {(r["instance"], r["seed"]): r for r in complete if r["policy"] == NORMALISER}
+    overall = {p: _summarise([r for r in results if r.row["policy"] == p], base) for p in policies}
+    best = best_baseline(overall, [b for b in baselines if b in policies])
+    reference = {(r["instance"], r["seed"]): r for r in complete if r["policy"] == best}
+
+    def section(keep: Callable[[dict], bool]) -> dict:
+        out = {}
+        for p in policies:
+            mine = [r for r in results if r.row["policy"] == p and keep(r.row)]
+            out[p] = _summarise(mine, base)
+            if best is not None:
+                out[p].update(versus([r.row for r in mine if r.row["completed"] == r.row["workflows"]], reference))
+        return out
+
     groups = sorted({r["group"] for r in rows if r["group"]})
-    by_group = {g: {p: _summarise([r for r in results if r.row["policy"] == p and r.row["group"] == g], base)
-                    for p in policies} for g in groups}
-    return {"policies": summary, "by_group": by_group}
+    regimes = sorted({r.get("regime", "") for r in rows} - {""})
+    return {"policies": section(lambda r: True),
+            "by_group": {g: section(lambda r, g=g: r["group"] == g) for g in groups},
+            "by_regime": {g: section(lambda r, g=g: r.get("regime") == g) for g in regimes},
+            "best_baseline": best}
 
 
 def _summarise(results: Sequence[JobResult], base: dict) -> dict:
     rows = [r.row for r in results]
     ok = [r for r in rows if (r["instance"], r["seed"]) in base and r["completed"] == r["workflows"]]
+    makespan = _ratios(ok, base, "makespan_s")
+    p95 = _ratios(ok, base, "p95_s")
     prompt = sum(r.prompt_tokens for r in results)
     plan_ms = [ms for r in results for ms in r.plan_ms]
     status: dict[str, int] = {}
@@ -119,8 +134,10 @@ def _summarise(results: Sequence[JobResult], base: dict) -> dict:
         for k, v in r.solver_status.items():
             status[k] = status.get(k, 0) + v
     return {
-        "normalized_makespan": geomean([r["makespan_s"] / base[(r["instance"], r["seed"])]["makespan_s"] for r in ok]),
-        "normalized_p95": geomean([r["p95_s"] / base[(r["instance"], r["seed"])]["p95_s"] for r in ok]),
+        "normalized_makespan": geomean(makespan),
+        "normalized_makespan_ci95": bootstrap_ci(makespan),
+        "normalized_p95": geomean(p95),
+        "normalized_p95_ci95": bootstrap_ci(p95),
         "makespan_s": _mean([r["makespan_s"] for r in rows]),
         "p95_s": _mean([r["p95_s"] for r in rows]),
         "lb_ratio": geomean([r["makespan_s"] / r["lb_s"] for r in rows if r["lb_s"] > 0]),
@@ -135,6 +152,16 @@ def _summarise(results: Sequence[JobResult], base: dict) -> dict:
         "estimator_median_abs_log_error_uncalibrated": _mean([r.estimator_error_uncalibrated for r in results]),
         "runs": len(rows),
     }
+
+
+def _ratios(rows: Sequence[dict], base: dict, key: str) -> list[float]:
+    """Each run's `key` over the normaliser's on the same (instance, seed), where that is positive."""
+    out = []
+    for r in rows:
+        denominator = base[(r["instance"], r["seed"])][key]
+        if denominator > 0:
+            out.append(r[key] / denominator)
+    return out
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -3,24 +3,24 @@
 A policy is called by the Controller once per planning round, synchronously, with every stage whose parents are
 done and whose requests are not yet placed. It must place every request of every stage it is given (deferring is
 not part of this interface yet). The Controller groups a stage's requests that go to one device into one shard and
-queues it there; devices run their queues in the policy's `queue_order`.
+queues it there. How a device orders its queue, and the generic prefetch of the next stages' models, are Controller
+settings shared by every policy (controller.py), not policy choices: a policy that brings its own prefetch sets
+`own_prefetch` and must document and ablate it.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 from fate_ray.cost import CostEstimator, RequestShape
 from fate_ray.events import StageKey
 from fate_ray.progress import DagInfo
 from fate_ray.schema.cluster import ClusterSpec
-from fate_ray.state import ClusterSnapshot, DeviceSnapshot
-
-QueueOrder = Literal["fifo", "rank", "arrival"]  # arrival: oldest workflow first, then rank
+from fate_ray.state import ClusterSnapshot, DeviceSnapshot, Residency
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +59,9 @@ class PolicyContext:
     cluster: ClusterSpec
     estimator: CostEstimator
     seed: int = 0
+    # True in the simulator: a policy must not let the wall clock change a decision (a solver's time limit binds
+    # differently on a loaded machine), so that a run is a pure function of its seed.
+    reproducible: bool = False
 
 
 class PlanContractError(RuntimeError):
@@ -69,7 +72,9 @@ class Policy(ABC):
     """Base of every scheduling policy. Subclasses set `name` and implement `plan`."""
 
     name: ClassVar[str]
-    queue_order: ClassVar[QueueOrder] = "fifo"
+    # True: the policy's own `Plan.prefetch` replaces the Controller's generic prefetch (fate_ray/prefetch.py).
+    # An instance may set it from its settings (FATE's `fate-no-prefetch` ablation: no prefetch at all).
+    own_prefetch: bool = False
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
@@ -107,18 +112,56 @@ class PlanTimer:
 
 
 class RoundLoad:
-    """Per-round bookkeeping many baselines share: estimated free time and request load as they place work."""
+    """Per-round bookkeeping many baselines share: estimated free time, request load and the models this round has
+    sent to each device, as they place work."""
 
     def __init__(self, snapshot: ClusterSnapshot):
         self.now_s = snapshot.now_s
         self.free_at_s = {d.device.device_id: max(d.free_at_s, snapshot.now_s) for d in snapshot.devices}
         self.requests = {d.device.device_id: d.queued_requests for d in snapshot.devices}
         self.concurrency = {d.device.device_id: d.concurrency for d in snapshot.devices}
+        self.sent: set[tuple[str, str]] = set()  # (device, model) placed this round: resident by the time it runs
 
-    def add(self, device_id: str, service_s: float, num_requests: int = 1) -> None:
+    def add(self, device_id: str, service_s: float, num_requests: int = 1, model: str | None = None) -> None:
         # Work spreads over the device's concurrent slots, so its backlog drains `concurrency` times faster.
         self.free_at_s[device_id] += service_s / self.concurrency[device_id]
         self.requests[device_id] += num_requests
+        if model is not None:
+            self.sent.add((device_id, model))
+
+    def state_of(self, d: DeviceSnapshot, model: str) -> Residency:
+        """The model's residency on d once this round's earlier placements ran: ACTIVE if one sent it there.
+        (An eviction by an earlier placement of this round is not tracked.)"""
+        return "ACTIVE" if (d.device.device_id, model) in self.sent else d.state_of(model)
+
+
+class StatelessService:
+    """Stateless service time of one request on a device type (model resident, empty cache), memoised: make one
+    per round, since calibration moves the estimates between rounds."""
+
+    def __init__(self, estimator: CostEstimator):
+        self.estimator = estimator
+        self._memo: dict[tuple[str, str, int, int], float] = {}
+
+    def __call__(self, model: str, device_type: str, req: RequestShape) -> float:
+        key = (model, device_type, req.prompt_tokens, req.output_tokens)
+        value = self._memo.get(key)
+        if value is None:
+            value = self._memo[key] = self.estimator.shard_cost(model, device_type, [req], None).service_s
+        return value
+
+
+class BlockUnion:
+    """Blocks held by either of two containers (a device's prefix cache, the prompts a policy routed there this
+    round). The union of two prefix-closed sets is prefix-closed, so `state.prefix_match` may binary-search it."""
+
+    __slots__ = ("first", "second")
+
+    def __init__(self, first: Container[int], second: Container[int]):
+        self.first, self.second = first, second
+
+    def __contains__(self, block: object) -> bool:
+        return block in self.first or block in self.second
 
 
 def group_assignments(choices: Sequence[tuple[StageKey, str, int]]) -> tuple[Assignment, ...]:

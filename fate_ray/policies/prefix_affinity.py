@@ -1,27 +1,37 @@
-"""PrefixAffinity: the SGLang cache-aware router's rules, per request.
+"""PrefixAffinity: the SGLang router's `cache_aware` policy, per request, over the devices that fit the model.
 
-Strategy (SGLang `cache_aware` router): if the load is balanced, send the request to the device whose cache holds
-the longest prefix of its prompt, provided the match ratio (matched / prompt tokens) is at least
-`cache_threshold`; otherwise (low match, or imbalance) send it to the device with the fewest requests.
-Imbalance = max load - min load > `balance_abs_threshold` AND max load > `balance_rel_threshold` x min load,
-with load = requests queued or running on the device.
+Rule (sgl-router `policies/cache_aware.rs`, `select_worker`), load = requests queued or running on a device:
+1. Imbalanced load (max - min > `balance_abs_threshold` AND max > `balance_rel_threshold` x min): the device with
+   the fewest requests (shortest queue).
+2. Balanced: the device whose cache holds the longest prefix of the prompt, if the match rate (matched tokens /
+   prompt tokens) is above `cache_threshold` (strictly, as in the router); otherwise the device with the smallest
+   cache tree (fewest cached blocks of this model: the most free cache, in the router's words).
+The routed prompt is then added to the chosen device's tree (the router inserts a request's text when routing it),
+so later requests of the round see it.
 
-Parameters (SGLang's defaults): cache_threshold = 0.3, balance_abs_threshold = 64, balance_rel_threshold = 1.5.
-The router's approximate radix tree is replaced by the device's real prefix cache, plus the prompts this round has
-already routed there (SGLang inserts a request's text into the tree when routing it).
+Defaults are the router's current ones (sgl-router `RouterArgs`/`launch_router`): cache_threshold 0.3,
+balance_abs_threshold 64, balance_rel_threshold 1.5. Early releases of the router shipped 0.5 / 32 / 1.0001; the
+0.5 in our issue text is that older threshold.
+
+Mapping to this cluster. The router's approximate radix tree of characters is replaced by the device's real prefix
+cache of blocks for the model, plus the prompts this round already routed there. Residency-aware as the router
+is per model (one tree per model, over the workers that serve it): only devices that fit the model are
+candidates, and a device without the model ACTIVE has an empty tree for it (its KV cache is gone). The router knows
+nothing of model loads, so a load cost does not enter the rule; it only breaks ties between equal trees (ACTIVE,
+then SLEEPING, then absent; then fewer requests; then the device listed first). Consequence, faithful to the rule:
+a low-match request goes to the smallest tree, often a device that must load the model first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Container
-
-from fate_ray.policies.base import Plan, Policy, RoundLoad, group_assignments
+from fate_ray.policies.base import BlockUnion, Plan, Policy, RoundLoad, group_assignments
 from fate_ray.policies.registry import register
 from fate_ray.state import prefix_match
 
 CACHE_THRESHOLD = 0.3
 BALANCE_ABS_THRESHOLD = 64
 BALANCE_REL_THRESHOLD = 1.5
+TIER = {"ACTIVE": 0, "SLEEPING": 1, "ABSENT": 2}
 
 
 @register
@@ -30,39 +40,37 @@ class PrefixAffinity(Policy):
 
     def plan(self, snapshot, frontier):
         load = RoundLoad(snapshot)
-        routed: dict[tuple[str, str], set[int]] = {}  # (device, model) -> blocks routed there this round
-        block = self.cluster.block_tokens
+        # (device, model) -> blocks routed there this round and not in its cache: its tree = cache + these
+        routed: dict[tuple[str, str], set[int]] = {}
         choices = []
         for ready in frontier:
             devices = self.candidates(snapshot, ready.model)
+            trees = {d.device.device_id: d.caches.get(ready.model, ()) if d.state_of(ready.model) == "ACTIVE" else ()
+                     for d in devices}
             for index, req in zip(ready.request_indices, ready.requests):
-                loads = [load.requests[d.device.device_id] for d in devices]
-                imbalanced = (max(loads) - min(loads) > BALANCE_ABS_THRESHOLD
-                              and max(loads) > BALANCE_REL_THRESHOLD * min(loads))
-                best, best_ratio = None, 0.0
-                for d in devices:
-                    held = _Either(d.caches.get(ready.model, ()), routed.get((d.device.device_id, ready.model), ()))
-                    n = prefix_match(held, req.block_hashes)
-                    ratio = n * block / max(1, req.prompt_tokens)
-                    if ratio > best_ratio:
-                        best, best_ratio = d, ratio
-                if imbalanced or best is None or best_ratio < CACHE_THRESHOLD:
-                    best = min(devices, key=lambda d: load.requests[d.device.device_id])
-                dev_id = best.device.device_id
-                load.add(dev_id, 0.0)
-                routed.setdefault((dev_id, ready.model), set()).update(req.block_hashes)
+                dev_id = self._route(ready.model, req, devices, trees, routed, load)
+                load.add(dev_id, 0.0, model=ready.model)
+                routed.setdefault((dev_id, ready.model), set()).update(h for h in req.block_hashes
+                                                                       if h not in trees[dev_id])
                 choices.append((ready.key, dev_id, index))
         return Plan(group_assignments(choices))
 
+    def _route(self, model: str, req, devices, trees, routed, load: RoundLoad) -> str:
+        requests = load.requests
+        loads = [requests[d.device.device_id] for d in devices]
+        if max(loads) - min(loads) > BALANCE_ABS_THRESHOLD and max(loads) > BALANCE_REL_THRESHOLD * min(loads):
+            return min(devices, key=lambda d: requests[d.device.device_id]).device.device_id  # shortest queue
+        matched = {}
+        for d in devices:
+            dev_id = d.device.device_id
+            matched[dev_id] = prefix_match(BlockUnion(trees[dev_id], routed.get((dev_id, model), ())), req.block_hashes)
+        best = min(matched, key=lambda k: (-matched[k], requests[k]))  # longest match, then fewer requests
+        if matched[best] * self.cluster.block_tokens / max(1, req.prompt_tokens) > CACHE_THRESHOLD:
+            return best
 
-class _Either:
-    """Blocks held by either of two containers. The union of two prefix-closed sets (the device's cache, the
-    prompts routed there this round) is prefix-closed, so `prefix_match` may binary-search it."""
+        def tree_size(d) -> tuple:
+            dev_id = d.device.device_id
+            return (len(trees[dev_id]) + len(routed.get((dev_id, model), ())), TIER[load.state_of(d, model)],
+                    requests[dev_id])
 
-    __slots__ = ("first", "second")
-
-    def __init__(self, first: Container[int], second: Container[int]):
-        self.first, self.second = first, second
-
-    def __contains__(self, block: object) -> bool:
-        return block in self.first or block in self.second
+        return min(devices, key=tree_size).device.device_id  # smallest tree

@@ -8,8 +8,9 @@ from fate_ray.policies.base import Policy, PolicyContext
 
 _REGISTRY: dict[str, type[Policy]] = {}
 
-# The six baselines every benchmark compares against, RoundRobin first (it is the normaliser).
-BASELINES = ("round_robin", "random", "least_loaded", "heft", "model_affinity", "prefix_affinity")
+# The baselines every benchmark compares against, RoundRobin first (it is the normaliser).
+BASELINES = ("round_robin", "random", "least_loaded", "heft", "model_affinity", "prefix_affinity", "state_eft",
+             "llmd_scorer")
 ABLATIONS = ("fate-h0", "fate-no-residency", "fate-no-locality", "fate-no-prefix", "fate-no-reach", "fate-greedy",
              "fate-no-prefetch")
 
@@ -27,10 +28,12 @@ def _load_builtin() -> None:
         fate,
         heft,
         least_loaded,
+        llmd_scorer,
         model_affinity,
         prefix_affinity,
         random_policy,
         round_robin,
+        state_eft,
     )
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import ray
 
-from fate_ray.engines.modelled_device import NoiseModel
+from fate_ray.controller import DEFAULT_QUEUE_ORDER, QueueOrder
+from fate_ray.engines.physics import Draws
 from fate_ray.engines.sim_engine import DEFAULT_TIME_SCALE
 from fate_ray.runtime.gantt import plot_gantt
 from fate_ray.runtime.planner import PLANNER_NAME, PlannerActor
@@ -34,7 +35,9 @@ class RunConfig:
     timeout_s: float = 600.0
     seed: int = 0
     fail_stages: frozenset[str] = frozenset()  # SimEngine fault injection (tests)
-    noise: NoiseModel | None = None  # SimEngine's noise; None = the simulator's defaults
+    draws: Draws | None = None  # SimEngine's random draws; None = the simulator's defaults
+    queue_order: QueueOrder = DEFAULT_QUEUE_ORDER  # the Controller's device-queue order (as in the simulator)
+    prefetch: bool = True  # the Controller's generic prefetch
 
 
 def connect(cluster: ClusterSpec) -> None:
@@ -51,10 +54,11 @@ def start_actors(cluster: ClusterSpec, cfg: RunConfig, name_suffix: str = ""):
     """One GpuWorker per device and the planner (`fate-planner`, plus `name_suffix` when several runs share a
     cluster); returns the planner handle and the workers by device id."""
     workers = {d.device_id: GpuWorker.options(name=worker_name(d.device_id) + name_suffix).remote(
-        cluster, d.device_id, cfg.engine, cfg.time_scale, cfg.fail_stages, cfg.noise) for d in cluster.devices}
+        cluster, d.device_id, cfg.engine, cfg.time_scale, cfg.fail_stages, cfg.draws) for d in cluster.devices}
     ray.get([w.ping.remote() for w in workers.values()])
     name = PLANNER_NAME + name_suffix
-    planner = PlannerActor.options(name=name).remote(cluster, cfg.policy, workers, cfg.seed, cfg.time_scale, name)
+    planner = PlannerActor.options(name=name).remote(cluster, cfg.policy, workers, cfg.seed, cfg.time_scale, name,
+                                                     cfg.queue_order, cfg.prefetch)
     return planner, workers
 
 

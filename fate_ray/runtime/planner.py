@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayActorError
 
-from fate_ray.controller import Controller
+from fate_ray.controller import DEFAULT_QUEUE_ORDER, Controller, QueueOrder
 from fate_ray.cost import Calibration, CostEstimator
 from fate_ray.events import (
     Dispatch,
@@ -73,10 +73,10 @@ class WorkflowRecord:
 @ray.remote(num_cpus=0)
 class PlannerActor:
     def __init__(self, cluster: ClusterSpec, policy: str, workers: dict, seed: int = 0, time_scale: float = 1.0,
-                 name: str = PLANNER_NAME):
+                 name: str = PLANNER_NAME, queue_order: QueueOrder = DEFAULT_QUEUE_ORDER, prefetch: bool = True):
         estimator = CostEstimator(cluster, Calibration())
         self.timer = PlanTimer(make_policy(policy, PolicyContext(cluster, estimator, seed)))
-        self.controller = Controller(cluster, self.timer, estimator)
+        self.controller = Controller(cluster, self.timer, estimator, queue_order=queue_order, prefetch=prefetch)
         self.policy_name = policy
         self.metrics = PlannerMetrics(name)
         self._gauge_task: asyncio.Task | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ray
 
 from fate_ray.engines.base import EngineReport, ShardResult
-from fate_ray.engines.modelled_device import NoiseModel
+from fate_ray.engines.physics import Draws
 from fate_ray.engines.sim_engine import DEFAULT_TIME_SCALE, SimEngine
 from fate_ray.events import Dispatch, LoadModel
 from fate_ray.schema.cluster import ClusterSpec
@@ -21,11 +21,11 @@ class GpuWorker:
 
     def __init__(self, cluster: ClusterSpec, device_id: str, engine: str = "sim",
                  time_scale: float = DEFAULT_TIME_SCALE, fail_stages: frozenset[str] = frozenset(),
-                 noise: NoiseModel | None = None):
+                 draws: Draws | None = None):
         if engine != "sim":
             raise ValueError(f"unknown engine {engine!r}; this version ships 'sim' (vLLM comes next)")
         self.device_id = device_id
-        self.engine = SimEngine(cluster, device_id, time_scale, noise, fail_stages)
+        self.engine = SimEngine(cluster, device_id, time_scale, draws, fail_stages)
 
     async def run_shard(self, cmd: Dispatch) -> ShardResult:
         return await self.engine.run_shard(cmd)

@@ -1,24 +1,31 @@
 """Discrete-event simulator: a virtual clock driving the same Controller and policies the Ray runtime runs.
 
-Loop: pop the earliest event, hand it to `Controller.handle`, execute the returned commands against the true
-performance model (sim/truth.py), which schedules each shard's finish. Ties break by insertion order, so a run is
-a pure function of (cluster, workflows, policy, seed).
+Loop: pop the earliest event (a workflow arriving, a worker's state report, a device's engine model reaching its
+next internal event), hand what it causes to `Controller.handle`, and execute the returned commands on the engine
+models (fate_ray/engines/engine_model.py: the truth, independent of the planner's estimator), which say when each
+shard finishes. The planner hears of a device only through the events of its own commands (shards finishing)
+and the workers' periodic reports (blocks evicted under KV pressure). Ties break by insertion order, so a run is a
+pure function of (cluster, workflows, policy, seed).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fate_ray.controller import Controller
+from fate_ray.controller import DEFAULT_QUEUE_ORDER, Controller, QueueOrder
 from fate_ray.cost import Calibration, CostEstimator
-from fate_ray.engines.modelled_device import NoiseModel, ShardOutcome
+from fate_ray.engines.engine_model import ModelledEngine, ShardOutcome
+from fate_ray.engines.physics import OUTPUT_SIGMA, Draws
 from fate_ray.events import (
     Dispatch,
     LoadModel,
+    Shard,
     ShardFinished,
     WorkerLost,
     WorkerStateReported,
@@ -28,7 +35,6 @@ from fate_ray.events import (
 from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.policies.base import PlanTimer
 from fate_ray.schema.cluster import ClusterSpec
-from fate_ray.sim.truth import TruePerformance
 from fate_ray.workload import Workflow
 
 TRACE_KEYS = ("instance", "seed", "policy", "workflow", "stage", "shard", "device", "node", "model", "arrival_s",
@@ -38,8 +44,9 @@ TRACE_KEYS = ("instance", "seed", "policy", "workflow", "stage", "shard", "devic
 @dataclass(frozen=True)
 class SimConfig:
     seed: int = 0
-    phase_sigma: float = 0.15
-    output_sigma: float = 0.5
+    output_sigma: float = OUTPUT_SIGMA  # true output lengths around the stage's expected length
+    load_noise: bool = True  # draw load and wake times (False: their catalog figures, for deterministic tests)
+    report_interval_s: float = 1.0  # workers report state (KV evictions) this often
     calibrate: bool = True
     fail_devices_at_s: tuple[tuple[str, float], ...] = ()  # (device id, time): the worker dies then
     max_sim_s: float = 1e9
@@ -47,6 +54,12 @@ class SimConfig:
     # planner learns it from each worker's first state report, as on a cluster that was already serving.
     initial_models: tuple[tuple[str, tuple[str, ...]], ...] = ()
     truth_perturb: float = 0.0  # scale the engine model's constants by a seeded factor in [1-F, 1+F]
+    queue_order: QueueOrder = DEFAULT_QUEUE_ORDER  # the Controller's device-queue order, the same for every policy
+    prefetch: bool = True  # the Controller's generic prefetch (a policy with `own_prefetch` replaces it)
+
+    def draws(self) -> Draws:
+        """The engine model's random draws for this run (the lower bound replays the same ones)."""
+        return Draws(self.seed, self.output_sigma, self.load_noise)
 
 
 @dataclass
@@ -107,66 +120,141 @@ def simulate(cluster: ClusterSpec, workflows: Sequence[Workflow], policy: str, c
              record_trace: bool = False) -> SimResult:
     """Run `workflows` (with their arrival times) to completion under `policy`."""
     estimator = CostEstimator(cluster, Calibration(enabled=config.calibrate))
-    timed = PlanTimer(make_policy(policy, PolicyContext(cluster, estimator, config.seed)))
-    controller = Controller(cluster, timed, estimator)
-    truth = TruePerformance(cluster, NoiseModel(config.seed, config.phase_sigma, config.output_sigma))
+    timed = PlanTimer(make_policy(policy, PolicyContext(cluster, estimator, config.seed, reproducible=True)))
+    controller = Controller(cluster, timed, estimator, queue_order=config.queue_order, prefetch=config.prefetch)
+    draws = config.draws()
+    page_caches: dict[str, set[str]] = {node.name: set() for node in cluster.nodes}
+    engines = {d.device_id: ModelledEngine(cluster, d, draws, config.truth_perturb, page_caches[d.node])
+               for d in cluster.devices}
     result = SimResult(policy, config.seed, {w.workflow_id: w.arrival_s for w in workflows}, {}, {},
                        controller=controller, plan_ms=timed.plan_ms)
-    parents = {(w.workflow_id, sid): st.parents for w in workflows for sid, st in w.stages.items()}
-    seq = itertools.count()
-    heap: list[tuple] = []
-    for w in workflows:
-        heapq.heappush(heap, (w.arrival_s, next(seq), WorkflowSubmitted(w, w.arrival_s)))
-    for device_id, models in config.initial_models:
-        state = truth.devices[device_id].state
-        for model in models:
-            state.activate(model, 0.0)
-        heapq.heappush(heap, (0.0, next(seq), WorkerStateReported(device_id, 0.0, dict(state.residency), {})))
-    for device_id, at_s in config.fail_devices_at_s:
-        heapq.heappush(heap, (at_s, next(seq), WorkerLost(device_id, at_s, "injected failure")))
-    in_flight: dict[str, tuple[Dispatch, ShardOutcome]] = {}
+    loop = _Loop(controller, engines, config, result, record_trace, workflows)
     started = time.perf_counter()
-    while heap:
-        now_s, _, event = heapq.heappop(heap)
-        if now_s > config.max_sim_s:
-            break
-        if isinstance(event, ShardFinished):
-            cmd, outcome = in_flight.pop(event.shard_id)
-            if not truth.devices[event.device_id].alive:
-                continue  # its worker died mid-shard: nothing comes back
-            truth.finish(event.device_id, cmd.shard, outcome)
-            if record_trace:
-                result.trace.append(_trace_row(cmd, outcome, truth, parents))
-            result.prompt_tokens += outcome.prompt_tokens
-            result.cached_tokens += outcome.cached_tokens
-        elif isinstance(event, WorkerLost):
-            truth.kill(event.device_id)
-        result.events += 1
-        for cmd in controller.handle(event):
-            if isinstance(cmd, Dispatch):
-                outcome = truth.start(cmd, now_s)
-                result.loads += outcome.activation == "load"
-                result.wakes += outcome.activation == "wake"
-                in_flight[cmd.shard.shard_id] = (cmd, outcome)
-                phases = {"activation": outcome.activation_s, "prefill": outcome.prefill_s, "decode": outcome.decode_s}
-                finished = ShardFinished(cmd.shard.shard_id, cmd.device_id, outcome.end_s, outcome.output_tokens,
-                                         phase_s=phases, cached_tokens=outcome.cached_tokens)
-                heapq.heappush(heap, (outcome.end_s, next(seq), finished))
-            elif isinstance(cmd, LoadModel):
-                kind = truth.load(cmd, now_s)
-                result.loads += kind == "load"
-                result.wakes += kind == "wake"
-            elif isinstance(cmd, WorkflowDone):
-                if cmd.ok:
-                    result.completions_s[cmd.workflow_id] = cmd.now_s
-                else:
-                    result.failed[cmd.workflow_id] = cmd.error
+    loop.run()
     result.wall_s = time.perf_counter() - started
+    result.loads = sum(e.loads for e in engines.values())
+    result.wakes = sum(e.wakes for e in engines.values())
     return result
 
 
-def _trace_row(cmd: Dispatch, outcome: ShardOutcome, truth: TruePerformance, parents) -> tuple:
-    shard = cmd.shard
-    return (shard.workflow_id, shard.stage_id, shard.shard_id, cmd.device_id, truth.device(cmd.device_id).node,
-            shard.model, shard.arrival_s, outcome.start_s, outcome.end_s, outcome.activation_s, outcome.prompt_tokens,
-            outcome.cached_tokens, sum(outcome.output_tokens), list(parents[shard.stage_key]))
+@dataclass(frozen=True, slots=True)
+class _Wake:
+    """A device's engine model has its next internal event now (stale unless `version` is still current)."""
+
+    device_id: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class _ReportTick:
+    pass
+
+
+class _Loop:
+    """The event loop: external events and device wake-ups on one heap; what they cause at one instant is handled
+    in order through a FIFO before time moves on."""
+
+    def __init__(self, controller: Controller, engines: dict[str, ModelledEngine], config: SimConfig,
+                 result: SimResult, record_trace: bool, workflows: Sequence[Workflow]):
+        self.controller, self.engines, self.config, self.result = controller, engines, config, result
+        self.record_trace = record_trace
+        self.parents = {(w.workflow_id, sid): st.parents for w in workflows for sid, st in w.stages.items()}
+        self.seq = itertools.count()
+        self.heap: list[tuple] = []
+        self.todo: deque = deque()
+        self.touched: set[str] = set()
+        self.scheduled: dict[str, tuple[float, int]] = {}
+        self.open_workflows = len(workflows)
+        for w in workflows:
+            self.push(w.arrival_s, WorkflowSubmitted(w, w.arrival_s))
+        for device_id, models in config.initial_models:
+            for model in models:
+                engines[device_id].preload(model)
+            self.push(0.0, WorkerStateReported(device_id, 0.0, engines[device_id].residency(), {}))
+        for device_id, at_s in config.fail_devices_at_s:
+            self.push(at_s, WorkerLost(device_id, at_s, "injected failure"))
+        if config.report_interval_s > 0:
+            self.push(config.report_interval_s, _ReportTick())
+
+    def push(self, at_s: float, event) -> None:
+        heapq.heappush(self.heap, (at_s, next(self.seq), event))
+
+    def run(self) -> None:
+        while self.heap:
+            now_s, _, event = heapq.heappop(self.heap)
+            if now_s > self.config.max_sim_s:
+                break
+            if isinstance(event, _Wake):
+                engine = self.engines[event.device_id]
+                if self.scheduled.get(event.device_id) != (now_s, event.version) or not engine.alive:
+                    continue
+                del self.scheduled[event.device_id]
+                self._finished(event.device_id, engine.advance(now_s))
+                self.touched.add(event.device_id)
+            elif isinstance(event, _ReportTick):
+                self._report(now_s)
+            else:
+                if isinstance(event, WorkerLost):
+                    self.engines[event.device_id].kill()
+                self.todo.append(event)
+            while self.todo:
+                self._handle(self.todo.popleft(), now_s)
+            for device_id in self.touched:
+                self._schedule(device_id)
+            self.touched.clear()
+
+    def _handle(self, event, now_s: float) -> None:
+        self.result.events += 1
+        for cmd in self.controller.handle(event):
+            if isinstance(cmd, Dispatch):
+                self._finished(cmd.device_id, self.engines[cmd.device_id].submit(cmd, now_s))
+                self.touched.add(cmd.device_id)
+            elif isinstance(cmd, LoadModel):
+                _, done = self.engines[cmd.device_id].load(cmd, now_s)
+                self._finished(cmd.device_id, done)
+                self.touched.add(cmd.device_id)
+            elif isinstance(cmd, WorkflowDone):
+                self.open_workflows -= 1
+                if cmd.ok:
+                    self.result.completions_s[cmd.workflow_id] = cmd.now_s
+                else:
+                    self.result.failed[cmd.workflow_id] = cmd.error
+
+    def _finished(self, device_id: str, done: list[tuple[Shard, ShardOutcome]]) -> None:
+        for shard, outcome in done:
+            if self.record_trace:
+                self.result.trace.append(self._trace_row(device_id, shard, outcome))
+            self.result.prompt_tokens += outcome.prompt_tokens
+            self.result.cached_tokens += outcome.cached_tokens
+            phases = {"activation": outcome.activation_s, "prefill": outcome.prefill_s, "decode": outcome.decode_s}
+            self.todo.append(ShardFinished(shard.shard_id, device_id, outcome.end_s, outcome.output_tokens,
+                                           phase_s=phases, cached_tokens=outcome.cached_tokens))
+
+    def _schedule(self, device_id: str) -> None:
+        engine = self.engines[device_id]
+        at_s = engine.next_event_s()
+        if at_s == math.inf or not engine.alive:
+            self.scheduled.pop(device_id, None)
+            return
+        key = (at_s, engine.version)
+        if self.scheduled.get(device_id) != key:
+            self.scheduled[device_id] = key
+            self.push(at_s, _Wake(device_id, engine.version))
+
+    def _report(self, now_s: float) -> None:
+        """Every `report_interval_s` each worker reports what its engines evicted since its last report: the
+        planner learns of evictions under KV pressure only this way."""
+        for device_id, engine in self.engines.items():
+            if not engine.alive:
+                continue
+            removed = engine.take_evicted()
+            if removed:
+                self.todo.append(WorkerStateReported(device_id, now_s, engine.residency(), None, removed))
+        if self.open_workflows > 0:
+            self.push(now_s + self.config.report_interval_s, _ReportTick())
+
+    def _trace_row(self, device_id: str, shard: Shard, outcome: ShardOutcome) -> tuple:
+        node = self.engines[device_id].state.device.node
+        return (shard.workflow_id, shard.stage_id, shard.shard_id, device_id, node, shard.model, shard.arrival_s,
+                outcome.start_s, outcome.end_s, outcome.activation_s, outcome.prompt_tokens, outcome.cached_tokens,
+                sum(outcome.output_tokens), list(self.parents[shard.stage_key]))

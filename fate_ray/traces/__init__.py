@@ -1,5 +1,6 @@
 """Real DAG traces -> `Workflow`s: WfCommons WfFormat 1.5 JSON, Alibaba v2018 `batch_task` CSV and Parrot
-MetaGPT JSONL (`load_dags` finds them in files and folders), plus Mooncake request traces (`load_mooncake`).
+MetaGPT JSONL (`load_dags` finds them in files and folders), plus Mooncake request traces (`load_mooncake`) and
+LMCache agent sessions (`load_lmcache`, one chain per session; its rule is in lmcache.py).
 
 Nobody ran these DAGs on LLMs, so a task becomes an LLM stage by the rule below. It is seeded and
 deterministic: every draw comes, in the order written here, from one `random.Random(stable_key(rng_seed,
@@ -50,12 +51,13 @@ from fate_ray.traces.common import (
     parse_json,
     read_text,
 )
+from fate_ray.traces.lmcache import load_lmcache
 from fate_ray.traces.mooncake import load_mooncake
 from fate_ray.traces.parrot import is_parrot_record, load_parrot_metagpt
 from fate_ray.traces.wfcommons import is_wfformat, load_wfcommons
 from fate_ray.workload import Workflow
 
-__all__ = ["TraceWarning", "catalog_models_of", "load_alibaba", "load_dags", "load_mooncake",
+__all__ = ["TraceWarning", "catalog_models_of", "load_alibaba", "load_dags", "load_lmcache", "load_mooncake",
            "load_parrot_metagpt", "load_wfcommons"]
 
 _EXPECTED = "expected a WfFormat .json, an Alibaba batch_task .csv or a Parrot MetaGPT .jsonl"

@@ -22,8 +22,8 @@ class FateConfig(BaseModel):
     locality: bool = Field(True, description="Score parent-output locality (children continuing a stage's context).")
     prefix: bool = Field(True, description="Score prefix-cache reuse (own hits, shared leading prompt text).")
     reach: bool = Field(True, description="Penalise taking scarce devices that pending models need.")
-    prefetch: bool = Field(True, description="Load a child stage's model ahead, on an idle device, when no device "
-                           "has it ACTIVE (the induced state FATE scores, made explicit).")
+    prefetch: bool = Field(True, description="Run with the Controller's generic prefetch (fate_ray/prefetch.py); "
+                           "False opts out of it (the fate-no-prefetch ablation), FATE having none of its own.")
     solver: Literal["cpsat", "greedy"] = Field("cpsat", description="Assignment: CP-SAT, or greedy on the scores.")
     time_limit_ms: float = Field(100.0, gt=0, description="CP-SAT wall-clock limit per round.")
     deterministic_limit: float = Field(0.005, gt=0, description="CP-SAT deterministic-time limit per round, so that "

@@ -4,9 +4,12 @@ One planning round:
     frontier F -> horizon L(s) (descendants within H hops) -> candidates (s, d) scored
     `immediate + lam * future` term by term (scoring.py) -> top-k devices per stage -> CP-SAT (or greedy)
     -> request counts per (stage, device) -> requests split to the devices that cache them best -> Plan.
-Devices run their queues oldest workflow first, then by upward rank (`queue_order = "arrival"`), rather than by
-upward rank alone: under Poisson arrivals a pure rank order lets each new workflow's long stages overtake older
-workflows' short ones, which is what P95 latency punishes (measured in BENCHMARKS.md).
+Queue order and prefetch are not FATE's: every policy gets the Controller's (controller.py). FATE once ordered its
+queues oldest workflow first and loaded its frontier's children's models ahead on idle devices; both rules are now
+Controller features every baseline runs with too (`queue_order`, fate_ray/prefetch.py). FATE returns no
+`Plan.prefetch` of its own: the `prefetch` setting only opts it out of the Controller's generic prefetch, so the
+`fate-no-prefetch` ablation is FATE with the Controller's prefetch off (`own_prefetch`, with no prefetch of its
+own). A horizon-driven prefetch of FATE's own would have to beat the generic one to earn its place.
 
 CP-SAT formulation (cpsat.py follows these numbered blocks). Notation: F frontier stages; D(s) top-k candidates
 of s; R_s requests of s; c_d concurrency of d; q_d its current backlog (ms); m(s) the model of s;
@@ -59,12 +62,14 @@ MIN_PAIR_TOKENS = 64  # shorter shared prefixes are not worth a pair variable
 
 class FatePolicy(Policy):
     name = "fate"
-    queue_order = "arrival"
     config = FateConfig()
 
     def __init__(self, ctx: PolicyContext, config: FateConfig | None = None):
         super().__init__(ctx)
         self.cfg = config or type(self).config
+        if ctx.reproducible:  # only the deterministic limit binds; the wall-clock one stays as a stall guard
+            self.cfg = self.cfg.model_copy(update={"time_limit_ms": max(self.cfg.time_limit_ms, 60_000.0)})
+        self.own_prefetch = not self.cfg.prefetch  # prefetch off: replace the generic prefetch with none
         self.scorer = Scorer(self.cfg, self.cluster, self.estimator)
         self._previous: Counts = {}
         self._device_type = {d.device_id: d.type for d in self.cluster.devices}
@@ -75,8 +80,7 @@ class FatePolicy(Policy):
         self.last_scores = cands
         counts, status = self._assign(snapshot, frontier, cands)
         self._previous = counts
-        prefetch = self._prefetch(snapshot, frontier, counts) if self.cfg.prefetch else ()
-        plan = Plan(self._split(snapshot, frontier, counts), status, prefetch)
+        plan = Plan(self._split(snapshot, frontier, counts), status)
         validate_plan(plan, frontier, snapshot, self.cluster, self.cfg)
         return plan
 
@@ -104,37 +108,6 @@ class FatePolicy(Policy):
             counts = {**counts, **greedy_counts(tail, cands, cfg, ledger)}
             status = "DECOMPOSED"
         return counts, status
-
-    def _prefetch(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage], counts: Counts) -> tuple:
-        """Loads to start now for the children of frontier stages whose model no live device has ACTIVE nor gets
-        from this round's placements: on an idle device that fits it (no backlog, nothing placed this round), where
-        the load evicts nothing a frontier or horizon stage needs; a device holding the model asleep first, then
-        the fastest."""
-        models = self.cluster.models
-        busy = {d for stage_counts in counts.values() for d in stage_counts}
-        idle = [d for d in snapshot.devices if d.alive and d.running_shards == 0 and d.free_at_s <= snapshot.now_s
-                and d.device.device_id not in busy]
-        children = []
-        for s in rank_order(frontier):
-            if s.dag is not None:
-                children += [s.dag.stages[c].model for c in s.dag.children[s.key[1]]]
-        needed = {s.model for s in frontier} | set(children)
-        out: list[tuple[str, str]] = []
-        placed_models = {s.model for s in frontier}  # this round's placements make these resident somewhere
-        for model in dict.fromkeys(children):
-            fitting = [d for d in snapshot.devices if d.alive and self.cluster.fits(model, d.device.type)]
-            if model in placed_models or any(d.state_of(model) == "ACTIVE" for d in fitting):
-                continue
-            options = [d for d in idle if d in fitting and not set(d.plan_activation(model, models).evict) & needed
-                       and d.plan_activation(model, models).feasible]
-            if not options:
-                continue
-            best = min(options, key=lambda d: (d.state_of(model) != "SLEEPING",
-                                               -self.estimator.profile(model, d.device.type).prefill_tok_s,
-                                               d.device.index))
-            out.append((model, best.device.device_id))
-            idle.remove(best)
-        return tuple(out)
 
     def _pairs(self, frontier: Sequence[ReadyStage], cands) -> list[PrefixPair]:
         if not self.cfg.prefix:
