@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fate_ray.schema.cluster import ClusterSpec, ModelProfile
-from fate_ray.state import Activation, PrefixCache, Residency, activation_for, prefix_match
+from fate_ray.state import Activation, PrefixCache, Residency, activation_for, matched_blocks
 from fate_ray.workload import RequestShape  # noqa: F401 -- the estimator's input, re-exported
 
 PHASES = ("activation", "prefill", "decode")
@@ -88,7 +88,7 @@ def cached_tokens_in_batch(cache: PrefixCache | None, requests: Sequence[Request
     hit_blocks = 0
     for req in requests:
         on_device = cache.match_blocks(req.block_hashes) if cache is not None else 0
-        hit_blocks += max(on_device, prefix_match(seen, req.block_hashes)) if seen else on_device
+        hit_blocks += max(on_device, matched_blocks(seen, req.block_hashes)) if seen else on_device
         seen.update(req.block_hashes)
     return hit_blocks * block_tokens
 

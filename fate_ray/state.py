@@ -30,13 +30,20 @@ def activation_for(state: Residency) -> Activation:
 
 
 def block_hashes(segments: Sequence[Segment], block_tokens: int) -> tuple[int, ...]:
-    """Hashes of the full blocks of a token stream, each chained on its predecessor like vLLM's.
+    """The chain of a token stream's full blocks, hashed a *run* of blocks at a time, like vLLM's chained hashes.
 
-    A block is identified by the (segment key, token range) pieces it holds plus the hash before it, so a block
-    hash stands for the whole prefix up to and including that block. A trailing partial block is not cached.
+    A run is up to MAX_RUN_BLOCKS full blocks that end inside one segment (the first may straddle in from the
+    previous segment); its hash covers the (segment key, token range) pieces it holds plus the hash before it, so
+    it stands for the whole prefix up to its last block, and its low bits hold how many blocks that prefix has
+    (`blocks_through`). Two prompts share a run exactly when they share all of its blocks (equal segment keys mean
+    equal tokens), so matching runs counts shared blocks as matching blocks would, at a fraction of the cost.
+    A trailing partial block is not cached.
+
+    NOTE: runs, not single blocks, because hashing and caching every 16-token block of long prompts dominated
+    the simulator's time; the cap keeps eviction granular (a long system prompt loses its tail run by run).
     """
     out: list[int] = []
-    carry: _Carry = (0, (), 0)
+    carry: _Carry = (0, (), 0, 0)
     for seg in segments:
         step = _SEGMENT_STEPS.get((carry, seg.key, seg.tokens, block_tokens))
         if step is None:
@@ -44,40 +51,57 @@ def block_hashes(segments: Sequence[Segment], block_tokens: int) -> tuple[int, .
             if len(_SEGMENT_STEPS) >= _MAX_MEMO:
                 _SEGMENT_STEPS.clear()
             _SEGMENT_STEPS[(carry, seg.key, seg.tokens, block_tokens)] = step
-        blocks, carry = step
-        out.extend(blocks)
+        runs, carry = step
+        out.extend(runs)
     return tuple(out)
 
 
-# (hash of the last full block, pieces of the open block, tokens in the open block)
-_Carry = tuple[int, tuple[tuple[int, int, int], ...], int]
-# NOTE: memoised per segment because the same segments (system prompts, a parent's context) start many prompts;
-# hashing every block of them again dominated the simulator's time.
+MAX_RUN_BLOCKS = 32
+_COUNT_BITS = 24
+_COUNT_MASK = (1 << _COUNT_BITS) - 1
+_HASH_MASK = (1 << 39) - 1
+
+
+def blocks_through(run_hash: int) -> int:
+    """Full blocks of the prefix that ends with this run (encoded in the hash's low bits)."""
+    return run_hash & _COUNT_MASK
+
+
+def chain_blocks(hashes: Sequence[int]) -> int:
+    """Full blocks of a whole chain."""
+    return hashes[-1] & _COUNT_MASK if hashes else 0
+
+
+# (hash of the last run, pieces of the open block, tokens in the open block, blocks so far)
+_Carry = tuple[int, tuple[tuple[int, int, int], ...], int, int]
+# NOTE: memoised per segment because the same segments (system prompts, a parent's context) start many prompts.
 _SEGMENT_STEPS: dict[tuple, tuple[tuple[int, ...], _Carry]] = {}
 _MAX_MEMO = 200_000
 
 
 def _hash_segment(carry: _Carry, seg: Segment, block_tokens: int) -> tuple[tuple[int, ...], _Carry]:
-    prev, open_pieces, filled = carry
-    pieces = list(open_pieces)
-    blocks: list[int] = []
+    prev, pieces, filled, total = carry
+    runs: list[int] = []
     start = 0
     while start < seg.tokens:
-        take = min(block_tokens - filled, seg.tokens - start)
-        pieces.append((seg.key, start, start + take))
-        filled += take
+        blocks = min(MAX_RUN_BLOCKS, (filled + seg.tokens - start) // block_tokens)
+        if blocks == 0:
+            pieces = (*pieces, (seg.key, start, seg.tokens))
+            filled += seg.tokens - start
+            break
+        take = blocks * block_tokens - filled
+        total += blocks
+        prev = ((hash((prev, *pieces, seg.key, start, start + take)) & _HASH_MASK) << _COUNT_BITS) | min(total,
+                                                                                                         _COUNT_MASK)
+        runs.append(prev)
+        pieces, filled = (), 0
         start += take
-        if filled == block_tokens:
-            prev = hash((prev, *pieces))
-            blocks.append(prev)
-            pieces.clear()
-            filled = 0
-    return tuple(blocks), (prev, tuple(pieces), filled)
+    return tuple(runs), (prev, pieces, filled, total)
 
 
 def prefix_match(present: Container[int], hashes: Sequence[int]) -> int:
-    """Leading blocks of `hashes` in `present`, by binary search: valid when `present` is prefix-closed (holding a
-    block implies holding its prefix), as a PrefixCache and any union of whole prompts' blocks are."""
+    """Leading runs of `hashes` in `present`, by binary search: valid when `present` is prefix-closed (holding a
+    run implies holding its prefix), as a PrefixCache and any union of whole prompts' runs are."""
     lo, hi = 0, len(hashes)  # invariant: hashes[:lo] present, hashes[hi] absent or past the end
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -88,77 +112,109 @@ def prefix_match(present: Container[int], hashes: Sequence[int]) -> int:
     return lo
 
 
+def matched_blocks(present: Container[int], hashes: Sequence[int]) -> int:
+    """Full blocks of the longest prefix of `hashes` held in `present` (prefix-closed)."""
+    n = prefix_match(present, hashes)
+    return hashes[n - 1] & _COUNT_MASK if n else 0
+
+
 class PrefixCache:
-    """An LRU set of chained block hashes with a capacity in blocks (one per model on a device).
+    """An LRU set of block runs (block_hashes) with a capacity in blocks (one per model on a device).
 
-    Within one insert the blocks are aged tail first, as vLLM frees a finished request's blocks in reverse order:
-    a block is always older than every block of its own prefix. So eviction never removes a prefix while
-    keeping its extension, the cache stays prefix-closed, and `match_blocks` can binary-search.
+    Within one insert the runs are aged tail first, as vLLM frees a finished request's blocks in reverse order:
+    a run is always older than every run of its own prefix. So eviction never removes a prefix while keeping its
+    extension, the cache stays prefix-closed, and `match_blocks` can binary-search.
 
-    NOTE: recency is a tick per block plus a tick-ordered log of touches (stale entries are skipped when they
-    reach the head), because moving every touched block in an OrderedDict dominated the simulator's time.
+    NOTE: recency is a tick per run plus a tick-ordered log of touches (stale entries are skipped when they
+    reach the head), because moving every touched entry in an OrderedDict dominated the simulator's time.
     """
 
-    __slots__ = ("capacity_blocks", "_tick", "_log_ticks", "_log_blocks", "_next_tick")
+    __slots__ = ("capacity_blocks", "_tick", "_weight", "_blocks", "_log_ticks", "_log_runs", "_next_tick")
 
-    def __init__(self, capacity_blocks: int, blocks: Iterable[int] = ()):
+    def __init__(self, capacity_blocks: int, runs: Iterable[int] = ()):
         self.capacity_blocks = capacity_blocks
         self._tick: dict[int, int] = {}
+        self._weight: dict[int, int] = {}  # blocks a run adds to its prefix
+        self._blocks = 0
         # The touch log, in increasing tick order, as two parallel deques (no tuple per touch).
         self._log_ticks: deque[int] = deque()
-        self._log_blocks: deque[int] = deque()
+        self._log_runs: deque[int] = deque()
         self._next_tick = 0
-        ordered = list(blocks)  # given least recently used first
-        self.insert(ordered[::-1])
+        # Given least recently used first, as `runs()` returns them, out of chain order: a run's own size is taken
+        # as at most MAX_RUN_BLOCKS (exact for every run but a chain's short ones).
+        for h in runs:
+            self._add(h, min(blocks_through(h), MAX_RUN_BLOCKS))
+            self._touch((h,))
+        self._evict_over_capacity()
 
     def match_blocks(self, hashes: Sequence[int]) -> int:
-        """Number of leading blocks of `hashes` present (a chained hash is only useful after its predecessors)."""
-        return prefix_match(self._tick, hashes)
+        """Full blocks of the longest prefix of `hashes` held (a run is only useful after its predecessors)."""
+        return matched_blocks(self._tick, hashes)
+
+    def _add(self, h: int, weight: int) -> None:
+        if h not in self._weight:
+            self._weight[h] = weight
+            self._blocks += weight
+
+    def _touch(self, ordered: Sequence[int]) -> None:
+        base = self._next_tick
+        ticks = range(base, base + len(ordered))
+        self._tick.update(zip(ordered, ticks))
+        self._log_ticks.extend(ticks)
+        self._log_runs.extend(ordered)
+        self._next_tick = base + len(ordered)
 
     def insert(self, hashes: Sequence[int]) -> int:
-        """Touch or add blocks as most recently used (the head of the prompt most recent of all); returns how many
-        blocks were evicted to make room."""
-        n = len(hashes)
-        if not n:
+        """Touch or add a chain's runs as most recently used (the head of the prompt most recent of all); returns
+        how many blocks were evicted to make room."""
+        if not hashes:
             return 0
-        base = self._next_tick
-        ticks = range(base, base + n)
-        self._tick.update(zip(reversed(hashes), ticks))
-        self._log_ticks.extend(ticks)
-        self._log_blocks.extend(reversed(hashes))
-        self._next_tick = base + n
+        before = 0
+        for h in hashes:
+            through = blocks_through(h)
+            self._add(h, through - before)
+            before = through
+        self._touch(hashes[::-1])
         evicted = self._evict_over_capacity()
         if len(self._log_ticks) > 4 * len(self._tick) + 64:
             live = sorted((t, h) for h, t in self._tick.items())
             self._log_ticks = deque(t for t, _ in live)
-            self._log_blocks = deque(h for _, h in live)
+            self._log_runs = deque(h for _, h in live)
         return evicted
 
     def _evict_over_capacity(self) -> int:
         evicted = 0
-        tick, pop_tick, pop_block = self._tick, self._log_ticks.popleft, self._log_blocks.popleft
-        while len(tick) > self.capacity_blocks:
-            t, h = pop_tick(), pop_block()
-            if tick.get(h) == t:  # else a stale entry: the block was touched again later
+        tick, weight = self._tick, self._weight
+        pop_tick, pop_run = self._log_ticks.popleft, self._log_runs.popleft
+        while self._blocks > self.capacity_blocks and self._log_ticks:
+            t, h = pop_tick(), pop_run()
+            if tick.get(h) == t:  # else a stale entry: the run was touched again later
                 del tick[h]
-                evicted += 1
+                w = weight.pop(h)
+                self._blocks -= w
+                evicted += w
         return evicted
 
     def discard(self, hashes: Iterable[int]) -> None:
-        """Forget blocks the engine evicted (their stale touches in the log are skipped later)."""
-        tick = self._tick
+        """Forget runs the engine evicted (their stale touches in the log are skipped later)."""
         for h in hashes:
-            tick.pop(h, None)
+            if self._tick.pop(h, None) is not None:
+                self._blocks -= self._weight.pop(h)
 
-    def blocks(self) -> tuple[int, ...]:
-        """Blocks from least to most recently used."""
+    def runs(self) -> tuple[int, ...]:
+        """Runs from least to most recently used."""
         return tuple(h for h, _ in sorted(self._tick.items(), key=lambda kv: kv[1]))
 
     def copy(self) -> PrefixCache:
-        return PrefixCache(self.capacity_blocks, self.blocks())
+        twin = PrefixCache(self.capacity_blocks)
+        for h in self.runs():
+            twin._add(h, self._weight[h])
+            twin._touch((h,))
+        return twin
 
     def __len__(self) -> int:
-        return len(self._tick)
+        """Blocks held."""
+        return self._blocks
 
     def __contains__(self, h: int) -> bool:
         return h in self._tick

@@ -156,7 +156,7 @@ def test_a_worker_report_replaces_the_controllers_belief_of_the_device(tiny_clus
     assert ctl.handle(WorkerStateReported(GPU0, 12.0, {"a": "SLEEPING", "b": "ACTIVE"}, {"b": cached})) == []
     snap = ctl.snapshot().device(GPU0)
     assert dict(snap.residency) == {"a": "SLEEPING", "b": "ACTIVE"}
-    assert set(snap.caches) == {"b"} and snap.caches["b"].blocks() == cached
+    assert set(snap.caches) == {"b"} and snap.caches["b"].runs() == cached
     assert ctl.status().devices[0].active_models == ("b",)
 
     [run_b] = dispatches(submit(ctl, workflow("w2", stage("s", "b", key=50)), 13.0))

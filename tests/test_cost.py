@@ -19,7 +19,7 @@ from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.state import DeviceState, block_hashes
 from fate_ray.workload import Segment, Stage, TextPart, Workflow
 
-PROMPT = (Segment(1, 40),)
+PROMPT = (Segment(1, 24), Segment(3, 16))  # a 24-token system prompt, then 16 tokens of the request's own
 HASHES = block_hashes(PROMPT, 4)
 REQUEST = RequestShape(40, HASHES, 10)
 
@@ -59,8 +59,8 @@ def test_activation_costs_load_when_absent_and_wake_when_sleeping(estimator, fas
 
 @pytest.mark.parametrize("cached_prompt, cached_tokens, prefill_s", [
     (PROMPT, 40, 0.0),                                  # the whole prompt is cached
-    ((Segment(1, 24),), 24, 0.16),                      # its first 6 blocks
-    ((Segment(1, 26), Segment(7, 30)), 24, 0.16),       # a prompt that diverges inside block 7
+    ((Segment(1, 24),), 24, 0.16),                      # its first 6 blocks (the system prompt)
+    ((Segment(1, 24), Segment(7, 30)), 24, 0.16),       # a prompt that diverges after them
     ((Segment(2, 40),), 0, 0.4),                        # another prompt
 ])
 def test_cached_prefix_tokens_skip_prefill(estimator, fast, cached_prompt, cached_tokens, prefill_s):

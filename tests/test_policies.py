@@ -231,7 +231,7 @@ def test_model_affinity_falls_back_to_the_earliest_finish_and_then_keeps_the_mod
 # PrefixAffinity (SGLang cache-aware rules: match ratio > 0.3 unless imbalanced: > 64 requests apart and > 1.5x;
 # below the threshold, the smallest tree)
 
-PROMPT = (Segment(1, 40),)  # 10 blocks of 4 tokens
+PROMPT = tuple(Segment(k, 4) for k in range(1, 11))  # 10 blocks of 4 tokens, one segment (one run) each
 
 
 def route(cluster, **per_device) -> str:
@@ -241,21 +241,21 @@ def route(cluster, **per_device) -> str:
 
 def test_prefix_affinity_follows_the_cache_over_the_queue(tiny_cluster):
     # G1 holds 16 of 40 prompt tokens (ratio 0.4) and has 10 more requests queued than the others.
-    assert route(tiny_cluster, G1={"queued": 10, "caches": {"a": cache_of(Segment(1, 16))}}) == G1
+    assert route(tiny_cluster, G1={"queued": 10, "caches": {"a": cache_of(*PROMPT[:4])}}) == G1
 
 
 def test_prefix_affinity_picks_the_longest_cached_prefix(tiny_cluster):
-    assert route(tiny_cluster, G0={"caches": {"a": cache_of(Segment(1, 16))}},
-                 S3={"caches": {"a": cache_of(Segment(1, 24))}}) == S3
+    assert route(tiny_cluster, G0={"caches": {"a": cache_of(*PROMPT[:4])}},
+                 S3={"caches": {"a": cache_of(*PROMPT[:6])}}) == S3
 
 
 def test_prefix_affinity_uses_the_smallest_tree_at_or_below_the_match_threshold(tiny_cluster):
     """Issue 8: below the threshold the router picks the smallest tree (was: the fewest requests), and the match
     must be strictly above the threshold, as in sgl-router's code (was: at least)."""
     loads = {"G0": {"queued": 5}, "S2": {"queued": 1}, "S3": {"queued": 2}}
-    above = {**loads, "G1": {"queued": 3, "caches": {"a": cache_of(Segment(1, 16))}}}  # 16 / 40 = 0.4
-    exactly_at = {**loads, "G1": {"queued": 3, "caches": {"a": cache_of(Segment(1, 12))}}}  # 12 / 40 = 0.3
-    below = {**loads, "G1": {"queued": 3, "caches": {"a": cache_of(Segment(1, 8))}}}  # 8 / 40 = 0.2
+    above = {**loads, "G1": {"queued": 3, "caches": {"a": cache_of(*PROMPT[:4])}}}  # 16 / 40 = 0.4
+    exactly_at = {**loads, "G1": {"queued": 3, "caches": {"a": cache_of(*PROMPT[:3])}}}  # 12 / 40 = 0.3
+    below = {**loads, "G1": {"queued": 3, "caches": {"a": cache_of(*PROMPT[:2])}}}  # 8 / 40 = 0.2
     assert route(tiny_cluster, **above) == G1
     # G0, S2 and S3 have empty trees for a (a is not even loaded there): of those, the fewest requests.
     assert route(tiny_cluster, **exactly_at) == S2

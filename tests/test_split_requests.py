@@ -2,7 +2,8 @@
 
 Real device state on the tiny cluster (conftest): blocks of 4 tokens, model `a` on the fast devices G0 = n1/gpu0
 and G1 = n1/gpu1 (and the slow S2 = n2/gpu2). A request's prompt is its own 16-token segment (4 blocks) unless a
-test says otherwise; a device "caches k blocks" of a request when `insert_blocks` gave it that prompt's first k.
+test says otherwise, made of four one-block segments so that a device "caches k blocks" of a request when
+`insert_blocks` gave it that prompt's first k runs (block_hashes hashes a run of blocks per segment).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ G0, G1, S2 = "n1/gpu0", "n1/gpu1", "n2/gpu2"
 
 
 def prompt(i: int) -> tuple[Segment, ...]:
-    return (Segment(100 + i, 16),)
+    return tuple(Segment(100 + 10 * i + j, 4) for j in range(4))
 
 
 def stage(indices=(0, 1, 2, 3), prompts=None) -> ReadyStage:

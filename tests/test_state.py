@@ -11,7 +11,15 @@ from collections import OrderedDict
 
 import pytest
 
-from fate_ray.state import DeviceState, PrefixCache, block_hashes, snapshot_device
+from fate_ray.state import (
+    MAX_RUN_BLOCKS,
+    DeviceState,
+    PrefixCache,
+    block_hashes,
+    blocks_through,
+    chain_blocks,
+    snapshot_device,
+)
 from fate_ray.workload import Segment
 
 B = 4  # tokens per block
@@ -27,18 +35,18 @@ def seg(key: int, tokens: int) -> Segment:
 
 @pytest.mark.parametrize("tokens, blocks", [(0, 0), (3, 0), (4, 1), (7, 1), (8, 2), (18, 4), (64, 16)])
 def test_only_full_blocks_are_hashed(tokens, blocks):
-    assert len(block_hashes([seg(1, tokens)], B)) == blocks
+    assert chain_blocks(block_hashes([seg(1, tokens)], B)) == blocks
     # The same tokens cut into several segments give as many blocks.
-    assert len(block_hashes([seg(1, tokens // 2), seg(2, tokens - tokens // 2)], B)) == blocks
+    assert chain_blocks(block_hashes([seg(1, tokens // 2), seg(2, tokens - tokens // 2)], B)) == blocks
 
 
 def test_prompts_with_the_same_prefix_share_their_leading_blocks():
-    # 10 tokens of system prompt, then 6 different tokens: blocks 0-1 hold only the prefix, block 2 mixes.
+    # 10 tokens of system prompt, then 6 different tokens: blocks 0-1 hold only the prefix (one run), blocks
+    # 2-3 (the next run) mix in the different tokens.
     one = block_hashes([seg(1, 10), seg(2, 6)], B)
     two = block_hashes([seg(1, 10), seg(3, 6)], B)
-    assert len(one) == len(two) == 4
-    assert one[:2] == two[:2]
-    assert one[2] != two[2] and one[3] != two[3]
+    assert [blocks_through(h) for h in one] == [blocks_through(h) for h in two] == [2, 4]
+    assert one[0] == two[0] and one[1] != two[1]
 
 
 def test_a_different_early_segment_changes_every_later_hash():
@@ -51,11 +59,11 @@ def test_a_different_early_segment_changes_every_later_hash():
 def test_a_trailing_partial_block_is_not_hashed_and_extending_the_prompt_keeps_the_hashes():
     full = block_hashes([seg(1, 16)], B)
     assert block_hashes([seg(1, 16), seg(2, 3)], B) == full
-    assert block_hashes([seg(1, 16), seg(2, 4)], B)[:4] == full
+    assert block_hashes([seg(1, 16), seg(2, 4)], B)[:1] == full
     # A prompt's hashes are always a prefix of the hashes of any extension of it.
     short = block_hashes([seg(1, 6), seg(2, 5)], B)
     longer = block_hashes([seg(1, 6), seg(2, 5), seg(3, 9)], B)
-    assert longer[: len(short)] == short and len(longer) == 5
+    assert longer[: len(short)] == short and chain_blocks(longer) == 5
 
 
 def test_segment_boundaries_inside_a_block_are_part_of_its_identity():
@@ -72,69 +80,85 @@ def test_segment_boundaries_inside_a_block_are_part_of_its_identity():
 def test_hashes_are_the_same_on_every_call_and_depend_on_the_block_size():
     segments = [seg(11, 13), seg(12, 19)]
     assert block_hashes(segments, B) == block_hashes(list(segments), B)
-    assert len(block_hashes(segments, 16)) == 2
+    assert chain_blocks(block_hashes(segments, 16)) == 2
     assert block_hashes(segments, 16)[0] not in block_hashes(segments, B)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PrefixCache (capacity 4 blocks)
+# PrefixCache (capacity in blocks of B = 4 tokens)
 #
-# A cache only ever receives whole chains (a prompt's block hashes from its first block on), so it holds a block only
-# with its prefix; the tests below keep to that contract.
+# A cache only ever receives whole chains (a prompt's runs from its first block on), so it holds a run only with
+# its prefix; the tests below keep to that contract. One segment of n blocks is one run of n blocks.
 
 
-def test_prefix_cache_ages_a_prompt_tail_first_and_evicts_least_recently_used_blocks():
-    cache = PrefixCache(4)
-    assert cache.insert([1, 2, 3]) == 0  # one prompt: 1 is its first block
-    assert cache.blocks() == (3, 2, 1)  # least recently used first: the tail is the oldest
-    assert cache.insert([4, 5]) == 1  # another prompt: 3 (the first prompt's tail) goes
-    assert cache.blocks() == (2, 1, 5, 4)
-    assert cache.insert([1]) == 0  # a prompt that only shares block 1: a touch
-    assert cache.blocks() == (2, 5, 4, 1)
-    assert cache.insert([6, 7]) == 2
-    assert cache.blocks() == (4, 1, 7, 6)
-    assert len(cache) == 4 and 2 not in cache and 7 in cache
+def test_a_run_stands_for_its_whole_prefix_and_knows_its_block_count():
+    a = block_hashes([seg(1, 8), seg(2, 6)], B)  # blocks: [1 1 1 1] [1 1 1 1] [2 2 2 2] + a partial [2 2]
+    assert [blocks_through(h) for h in a] == [2, 3]  # a run of the two blocks inside seg 1, then the one into seg 2
+    assert chain_blocks(a) == 3 and chain_blocks(()) == 0
+    assert block_hashes([seg(1, 8)], B) == a[:1]
+    long = block_hashes([seg(3, 4 * (MAX_RUN_BLOCKS + 5))], B)  # a long segment is cut into runs of at most 32
+    assert [blocks_through(h) for h in long] == [MAX_RUN_BLOCKS, MAX_RUN_BLOCKS + 5]
+
+
+def test_prefix_cache_ages_a_prompt_tail_first_and_evicts_least_recently_used_runs():
+    cache = PrefixCache(5)
+    first = block_hashes([seg(1, 8), seg(2, 4), seg(3, 4)], B)  # runs of 2, 1, 1 blocks
+    assert cache.insert(first) == 0
+    assert cache.runs() == first[::-1]  # least recently used first: the tail is the oldest
+    second = block_hashes([seg(4, 8)], B)  # one run of 2 blocks: the first prompt's tail run goes
+    assert cache.insert(second) == 1
+    assert cache.runs() == (first[1], first[0], second[0])
+    assert len(cache) == 5
+    assert cache.insert(first[:1]) == 0  # a prompt that only shares the first run: a touch
+    assert cache.runs() == (first[1], second[0], first[0])
+    third = block_hashes([seg(5, 12)], B)  # 3 blocks: both of the least recent runs go
+    assert cache.insert(third) == 3
+    assert cache.runs() == (first[0], third[0]) and len(cache) == 5
     # What survives of each prompt is its head.
-    assert [cache.match_blocks(p) for p in ([1, 2, 3], [4, 5], [6, 7])] == [1, 1, 2]
+    assert [cache.match_blocks(p) for p in (first, second, third)] == [2, 0, 3]
 
 
-def test_a_prompt_longer_than_the_cache_keeps_its_first_blocks():
-    cache = PrefixCache(4)
-    assert cache.insert([1, 2, 3, 4, 5, 6]) == 2
-    assert cache.match_blocks([1, 2, 3, 4, 5, 6]) == 4
-    assert cache.blocks() == (4, 3, 2, 1)
+def test_a_prompt_longer_than_the_cache_keeps_its_first_runs():
+    cache = PrefixCache(40)
+    long = block_hashes([seg(3, 4 * 70)], B)  # runs of 32, 32 and 6 blocks
+    assert cache.insert(long) == 38
+    assert cache.match_blocks(long) == 32
 
 
-def test_prefix_cache_built_over_capacity_keeps_the_newest_blocks_and_copies_are_independent():
-    cache = PrefixCache(4, [1, 2, 3, 4, 5, 6])  # given least recently used first
-    assert cache.blocks() == (3, 4, 5, 6)
+def test_prefix_cache_built_from_a_report_keeps_the_newest_runs_and_copies_are_independent():
+    runs = [block_hashes([seg(k, 4)], B)[0] for k in range(6)]  # six one-block prompts
+    cache = PrefixCache(4, runs)  # given least recently used first
+    assert cache.runs() == tuple(runs[2:])
     twin = cache.copy()
-    assert twin.blocks() == (3, 4, 5, 6)
-    twin.insert([9])
-    assert cache.blocks() == (3, 4, 5, 6)
-    assert twin.blocks() == (4, 5, 6, 9)
+    assert twin.runs() == tuple(runs[2:])
+    extra = block_hashes([seg(9, 4)], B)
+    twin.insert(extra)
+    assert cache.runs() == tuple(runs[2:])
+    assert twin.runs() == (*runs[3:], extra[0])
 
 
 def test_match_blocks_counts_the_shared_leading_blocks_of_real_prompts():
-    cached = block_hashes([seg(1, 8), seg(2, 8)], B)  # 4 blocks
-    cache = PrefixCache(4, cached[::-1])
+    cached = block_hashes([seg(1, 8), seg(2, 8)], B)  # 4 blocks in two runs
+    cache = PrefixCache(4)
+    cache.insert(cached)
     assert cache.match_blocks(cached) == 4
     assert cache.match_blocks(block_hashes([seg(1, 8), seg(2, 8), seg(3, 8)], B)) == 4
     assert cache.match_blocks(block_hashes([seg(1, 8), seg(3, 8)], B)) == 2  # diverges after block 2
-    assert cache.match_blocks(block_hashes([seg(1, 6), seg(2, 10)], B)) == 1  # diverges inside block 2
+    # A segment key stands for its tokens, so the same key at another length is other text: no shared run.
+    assert cache.match_blocks(block_hashes([seg(1, 6), seg(2, 10)], B)) == 0
     assert cache.match_blocks(block_hashes([seg(9, 16)], B)) == 0
     assert cache.match_blocks(()) == 0
     # Matching is a query: it does not refresh recency.
     cache.match_blocks(cached)
     cache.insert(block_hashes([seg(5, 4)], B))
-    assert cache.match_blocks(cached) == 3
+    assert cache.match_blocks(cached) == 2  # the tail run (2 blocks) went for the new block
 
 
 def test_prefix_cache_agrees_with_a_plain_lru_over_many_prompts():
     """Random prompts over a few shared prefixes, many more touches than capacity: the optimised cache must keep
-    exactly the blocks a straightforward LRU (tail of each prompt aged first) keeps."""
+    exactly the runs a straightforward LRU of weighted runs (tail of each prompt aged first) keeps."""
     rng = random.Random(5)
-    cache, reference = PrefixCache(12), OrderedDict()
+    cache, reference, size = PrefixCache(12), OrderedDict(), {}
     for _ in range(400):
         prompt = [seg(rng.randrange(3), 4 * rng.randrange(1, 4)), seg(rng.randrange(6), 4 * rng.randrange(0, 4))]
         hashes = block_hashes(prompt, B)
@@ -142,17 +166,19 @@ def test_prefix_cache_agrees_with_a_plain_lru_over_many_prompts():
         for h in hashes:
             if h not in reference:
                 break
-            expected_hit += 1
+            expected_hit = blocks_through(h)
         assert cache.match_blocks(hashes) == expected_hit
+        before = 0
+        for h in hashes:
+            size[h], before = blocks_through(h) - before, blocks_through(h)
         for h in reversed(hashes):
             reference[h] = None
             reference.move_to_end(h)
         evicted = 0
-        while len(reference) > 12:
-            reference.popitem(last=False)
-            evicted += 1
+        while sum(size[h] for h in reference) > 12:
+            evicted += size[reference.popitem(last=False)[0]]
         assert cache.insert(hashes) == evicted
-        assert cache.blocks() == tuple(reference)
+        assert cache.runs() == tuple(reference)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,9 +279,10 @@ def test_host_ram_limit_drops_the_oldest_sleeping_model(tiny_cluster):
 def test_replace_adopts_a_workers_report(tiny_cluster):
     dev = fast_device(tiny_cluster)
     dev.activate("a", now_s=1.0)
-    dev.replace({"b": "ACTIVE", "c": "SLEEPING", "a": "ABSENT"}, {"b": (7, 8)})
+    held = block_hashes([seg(7, 8)], dev.cluster.block_tokens)  # 2 blocks of 4 tokens
+    dev.replace({"b": "ACTIVE", "c": "SLEEPING", "a": "ABSENT"}, {"b": held})
     assert dev.residency == {"b": "ACTIVE", "c": "SLEEPING"}
-    assert dev.cached_tokens("b", [7, 8, 9]) == 8
+    assert dev.cached_tokens("b", block_hashes([seg(7, 8), seg(8, 4)], dev.cluster.block_tokens)) == 8
     assert set(dev.caches) == {"b"}
 
 

@@ -37,7 +37,7 @@ from fate_ray.engines.kv_pool import KvPool
 from fate_ray.engines.physics import MAX_BATCHED_TOKENS, MAX_NUM_SEQS, Draws, EnginePhysics, derive_physics
 from fate_ray.events import Dispatch, LoadModel, Shard
 from fate_ray.schema.cluster import ClusterSpec, Device
-from fate_ray.state import Activation, DeviceState, Residency, block_hashes
+from fate_ray.state import Activation, DeviceState, Residency, block_hashes, chain_blocks
 from fate_ray.workload import Segment, output_key
 
 
@@ -329,7 +329,7 @@ class ModelledEngine:
 
     def _blocks_for(self, r: _Request) -> int:
         """Private blocks a running request needs: its context beyond the hashed prompt blocks it pinned."""
-        return -(-(r.context - len(r.pinned) * self.block_tokens) // self.block_tokens)
+        return -(-(r.context - chain_blocks(r.pinned) * self.block_tokens) // self.block_tokens)
 
     def _grow(self, eng: _ModelEngine) -> None:
         """Give decoding requests the blocks their new tokens need; preempt the newest when the pool is full."""
@@ -357,7 +357,7 @@ class ModelledEngine:
         while eng.waiting and eng.running < MAX_NUM_SEQS:
             r = eng.waiting[0]
             matched = kv.match(r.hashes)
-            private = -(-(r.prompt_tokens - len(r.hashes) * bt) // bt)
+            private = -(-(r.prompt_tokens - chain_blocks(r.hashes) * bt) // bt)
             if kv.admit(r.hashes, matched, private):
                 r.pinned, r.private = r.hashes, private
             elif force:
@@ -367,7 +367,7 @@ class ModelledEngine:
                 return
             force = False
             eng.waiting.popleft()
-            cached = min(matched * bt, r.prompt_tokens - 1)  # vLLM recomputes at least the last prompt token
+            cached = min(chain_blocks(r.hashes[:matched]) * bt, r.prompt_tokens - 1)  # vLLM recomputes >= 1 token
             r.prefill_left = r.prompt_tokens - cached
             if not r.recomputed:
                 r.run.cached_tokens += cached

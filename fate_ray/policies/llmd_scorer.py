@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from fate_ray.policies.base import BlockUnion, Plan, Policy, RoundLoad, group_assignments
 from fate_ray.policies.registry import register
-from fate_ray.state import prefix_match
+from fate_ray.state import chain_blocks, matched_blocks
 
 PREFIX_WEIGHT = 3.0
 QUEUE_WEIGHT = 2.0
@@ -52,10 +52,10 @@ class LlmdScorer(Policy):
             for index, req in zip(ready.request_indices, ready.requests):
                 queues = {d.device.device_id: load.requests[d.device.device_id] for d in devices}
                 low, high = min(queues.values()), max(queues.values())
-                total = len(req.block_hashes)
+                total = chain_blocks(req.block_hashes)
                 scores = {}
                 for dev_id, q in queues.items():
-                    prefix = (prefix_match(BlockUnion(caches[dev_id], routed.get((dev_id, model), ())), req.block_hashes)
+                    prefix = (matched_blocks(BlockUnion(caches[dev_id], routed.get((dev_id, model), ())), req.block_hashes)
                               / total if total else 0.0)
                     queue = 1.0 if high == low else (high - q) / (high - low)
                     scores[dev_id] = PREFIX_WEIGHT * prefix + QUEUE_WEIGHT * queue + KV_WEIGHT * kv[dev_id]
