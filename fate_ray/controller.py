@@ -74,6 +74,10 @@ class QueuedShard:
     shard: Shard
     service_estimate_s: float
 
+    @property
+    def num_requests(self) -> int:
+        return len(self.shard.request_indices)
+
 
 @dataclass
 class DeviceQueue:
@@ -291,7 +295,7 @@ class Controller:
     def _device_snapshot(self, dev: DeviceQueue):
         backlog_s = sum(max(0.0, r.end_estimate_s - self.now_s) for r in dev.running.values())
         backlog_s += sum(q.service_estimate_s for q in dev.queue)
-        requests = sum(len(q.shard.request_indices) for q in dev.queue)
+        requests = sum(q.num_requests for q in dev.queue)
         requests += sum(len(r.shard.request_indices) for r in dev.running.values())
         running_tokens: dict[str, int] = {}  # KV the running requests hold at their end: prompt + expected output
         for r in dev.running.values():

@@ -31,14 +31,15 @@ class Shard:
     arrival_s: float  # of its workflow
     attempt: int = 1
     ready_s: float = 0.0  # when the stage became ready (Controller clock): queue wait = dispatch - ready_s
+    # NOTE: counted once here, because planning rounds read every queued shard's prompt sizes.
+    prompt_tokens: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt_tokens", tuple(sum(s.tokens for s in p) for p in self.prompts))
 
     @property
     def stage_key(self) -> StageKey:
         return (self.workflow_id, self.stage_id)
-
-    @property
-    def prompt_tokens(self) -> tuple[int, ...]:
-        return tuple(sum(s.tokens for s in p) for p in self.prompts)
 
     def request_shapes(self, output_tokens: Sequence[int] | None = None) -> list[RequestShape]:
         """The requests as the estimator sees them: expected output lengths unless true ones are given."""
