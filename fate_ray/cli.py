@@ -89,10 +89,6 @@ def cmd_bench(args) -> int:
     check_policy_names(policies)
     if args.seeds < 1:
         raise ValueError("--seeds must be at least 1")
-    if args.workflows_per_instance < 1:
-        raise ValueError("--workflows-per-instance must be at least 1")
-    if not 0 <= args.truth_perturb < 1:
-        raise ValueError("--truth-perturb must be in [0, 1)")
     out = Path(args.out or f"results/{args.suite}")
     if args.suite == "runtime":
         from fate_ray.bench.runtime_bench import run_runtime_bench

@@ -44,7 +44,7 @@ from fate_ray.events import (
 )
 from fate_ray.policies.base import Plan, PlanContractError, Policy, ReadyStage
 from fate_ray.prefetch import generic_prefetch
-from fate_ray.progress import DagInfo, WorkflowRun
+from fate_ray.progress import DagInfo, WorkflowRun, upward_ranks
 from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.state import ClusterSnapshot, DeviceState, snapshot_device
 from fate_ray.status import ControllerStats, ControllerStatus, DeviceStatus, WorkflowStatus, stage_outputs
@@ -278,8 +278,8 @@ class Controller:
     def status(self, outputs_of: Collection[str] = ()) -> ControllerStatus:
         """A frozen picture of the Controller for shells that run `handle` in another thread: take it under the
         same lock as `handle`. `outputs_of`: workflows whose recorded outputs to include."""
-        workflows = {wid: WorkflowStatus(wid, sum(1 for st in run.stages.values() if st.done), len(run.stages),
-                                         run.remaining == 0, run.failure_reason)
+        workflows = {wid: WorkflowStatus(wid, len(run.stages) - run.remaining, len(run.stages), run.remaining == 0,
+                                         run.failure_reason)
                      for wid, run in self.workflows.items()}
         devices = tuple(DeviceStatus(device_id, dev.alive, len(dev.running), dev.concurrency, len(dev.queue),
                                      tuple(sorted(m for m, r in dev.state.residency.items() if r == "ACTIVE")))
@@ -449,13 +449,12 @@ class Controller:
     # -- derived quantities -----------------------------------------------------------------------------------------
     def _upward_ranks(self, workflow: Workflow, prompt_tokens: dict[str, list[int]]) -> dict[str, float]:
         """Longest estimated path from each stage to a sink, with expected token counts and no state."""
-        kids = workflow.children()
-        ranks: dict[str, float] = {}
-        for sid in reversed(workflow.order):
+        def cost_s(sid: str) -> float:
             st = workflow.stages[sid]
-            reqs = [RequestShape(prompt_tokens[sid][i], (), st.expected_output_tokens) for i in range(st.num_requests)]
-            ranks[sid] = self.estimator.best_service_s(st.model, reqs) + max((ranks[c] for c in kids[sid]), default=0)
-        return ranks
+            reqs = [RequestShape(tokens, (), st.expected_output_tokens) for tokens in prompt_tokens[sid]]
+            return self.estimator.best_service_s(st.model, reqs)
+
+        return upward_ranks(workflow.children(), cost_s)
 
     def validate_state(self) -> None:
         """Raise AssertionError if an invariant does not hold (tests call this after every run)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from fate_ray.cost import CostEstimator
-from fate_ray.policies.base import ReadyStage
+from fate_ray.policies.base import ReadyStage, rank_order
 from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.state import ClusterSnapshot
 
@@ -26,7 +26,7 @@ from fate_ray.state import ClusterSnapshot
 def child_models(frontier: Sequence[ReadyStage]) -> list[str]:
     """Models of the frontier stages' children, highest-ranked parent first, each once."""
     out: dict[str, None] = {}
-    for s in sorted(frontier, key=lambda s: (-s.rank_s, s.arrival_s, s.key)):
+    for s in rank_order(frontier):
         if s.dag is not None:
             for c in s.dag.children[s.key[1]]:
                 out.setdefault(s.dag.stages[c].model)
@@ -36,14 +36,16 @@ def child_models(frontier: Sequence[ReadyStage]) -> list[str]:
 def generic_prefetch(snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage], placed_on: Collection[str],
                      cluster: ClusterSpec, estimator: CostEstimator) -> tuple[tuple[str, str], ...]:
     """(model, device id) loads to start after this round; `placed_on`: devices this round's plan uses."""
+    idle = [d for d in snapshot.devices if d.alive and d.running_shards == 0 and d.free_at_s <= snapshot.now_s
+            and d.device.device_id not in placed_on]
+    if not idle:  # the usual case on a busy cluster: skip the frontier walk
+        return ()
     children = child_models(frontier)
     if not children:
         return ()
     models = cluster.models
     frontier_models = {s.model for s in frontier}  # every frontier stage is placed: its model becomes resident
     needed = frontier_models | set(children)
-    idle = [d for d in snapshot.devices if d.alive and d.running_shards == 0 and d.free_at_s <= snapshot.now_s
-            and d.device.device_id not in placed_on]
     out: list[tuple[str, str]] = []
     for model in children:
         if not idle:

@@ -6,7 +6,7 @@ that was presumed dead is dropped), so no stage output is lost or duplicated whe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fate_ray.cost import TEXT_BYTES_PER_TOKEN
@@ -22,6 +22,24 @@ class DagInfo:
     children: Mapping[str, tuple[str, ...]]
     prompt_tokens: Mapping[str, list[int]]  # per request, parents' outputs at their expected length
     ranks_s: Mapping[str, float]  # upward rank: estimated longest path from the stage to a sink
+
+
+def upward_ranks(children: Mapping[str, Sequence[str]], cost_s: Callable[[str], float]) -> dict[str, float]:
+    """HEFT's upward rank of every stage: its cost plus the largest rank among its children (the longest path
+    from it to a sink)."""
+    ranks: dict[str, float] = {}
+    for root in children:
+        stack = [(root, False)]
+        while stack:  # post-order: every child's rank before its parent's
+            sid, children_done = stack.pop()
+            if sid in ranks:
+                continue
+            if children_done:
+                ranks[sid] = cost_s(sid) + max((ranks[c] for c in children[sid]), default=0.0)
+            else:
+                stack.append((sid, True))
+                stack.extend((c, False) for c in children[sid] if c not in ranks)
+    return ranks
 
 
 @dataclass

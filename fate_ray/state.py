@@ -99,6 +99,17 @@ def _hash_segment(carry: _Carry, seg: Segment, block_tokens: int) -> tuple[tuple
     return tuple(runs), (prev, pieces, filled, total)
 
 
+def run_sizes(hashes: Sequence[int], start: int = 0) -> list[int]:
+    """Blocks each run of a chain adds to its prefix, from run `start` on."""
+    before = blocks_through(hashes[start - 1]) if start else 0
+    out = []
+    for h in hashes[start:]:
+        through = blocks_through(h)
+        out.append(through - before)
+        before = through
+    return out
+
+
 def prefix_match(present: Container[int], hashes: Sequence[int]) -> int:
     """Leading runs of `hashes` in `present`, by binary search: valid when `present` is prefix-closed (holding a
     run implies holding its prefix), as a PrefixCache and any union of whole prompts' runs are."""
@@ -142,9 +153,7 @@ class PrefixCache:
         self._next_tick = 0
         # Given least recently used first, as `runs()` returns them, out of chain order: a run's own size is taken
         # as at most MAX_RUN_BLOCKS (exact for every run but a chain's short ones).
-        for h in runs:
-            self._add(h, min(blocks_through(h), MAX_RUN_BLOCKS))
-            self._touch((h,))
+        self._restore((h, min(blocks_through(h), MAX_RUN_BLOCKS)) for h in runs)
         self._evict_over_capacity()
 
     def match_blocks(self, hashes: Sequence[int]) -> int:
@@ -155,6 +164,14 @@ class PrefixCache:
         if h not in self._weight:
             self._weight[h] = weight
             self._blocks += weight
+
+    def _restore(self, weighted_runs: Iterable[tuple[int, int]]) -> None:
+        """Add (run, blocks) pairs given least recently used first."""
+        ordered = []
+        for h, blocks in weighted_runs:
+            self._add(h, blocks)
+            ordered.append(h)
+        self._touch(ordered)
 
     def _touch(self, ordered: Sequence[int]) -> None:
         base = self._next_tick
@@ -169,11 +186,8 @@ class PrefixCache:
         how many blocks were evicted to make room."""
         if not hashes:
             return 0
-        before = 0
-        for h in hashes:
-            through = blocks_through(h)
-            self._add(h, through - before)
-            before = through
+        for h, blocks in zip(hashes, run_sizes(hashes)):
+            self._add(h, blocks)
         self._touch(hashes[::-1])
         evicted = self._evict_over_capacity()
         if len(self._log_ticks) > 4 * len(self._tick) + 64:
@@ -207,9 +221,7 @@ class PrefixCache:
 
     def copy(self) -> PrefixCache:
         twin = PrefixCache(self.capacity_blocks)
-        for h in self.runs():
-            twin._add(h, self._weight[h])
-            twin._touch((h,))
+        twin._restore((h, self._weight[h]) for h in self.runs())
         return twin
 
     def __len__(self) -> int:

@@ -13,6 +13,7 @@ from fate_ray.bench.instances import WORKFLOWS_PER_INSTANCE, suite_instances
 from fate_ray.bench.report import print_report, write_outputs
 from fate_ray.bench.runner import NORMALISER, aggregate, run_jobs, throughput
 from fate_ray.schema.cluster import ClusterSpec
+from fate_ray.sim.simulator import SimConfig
 
 
 def run_suite(suite: str, cluster: ClusterSpec, policies: Sequence[str], seeds: int, out_dir: Path,
@@ -22,6 +23,7 @@ def run_suite(suite: str, cluster: ClusterSpec, policies: Sequence[str], seeds: 
     """Run a suite (every instance cold and warm), print its tables, write results.json/csv/md/summary.png (and
     trace.jsonl); return the results."""
     console = console or Console()
+    SimConfig(**(sim_options or {}))  # a bad setting fails here, before any job starts
     policies = list(dict.fromkeys([NORMALISER, *policies]))
     instances = suite_instances(suite, cluster, dags, workflows_per_instance)
     seed_list = list(range(seeds))

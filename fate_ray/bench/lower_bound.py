@@ -34,8 +34,8 @@ from fate_ray.workload import TextPart, Workflow
 class _Best:
     """Per model, the best figures over the device types that fit it."""
 
-    def __init__(self, cluster: ClusterSpec, perturb: float, seed: int, draws: Draws):
-        self.cluster, self.perturb, self.seed, self.draws = cluster, perturb, seed, draws
+    def __init__(self, cluster: ClusterSpec, perturb: float, draws: Draws):
+        self.cluster, self.perturb, self.draws = cluster, perturb, draws
         self._memo: dict[str, tuple[float, float, float, float]] = {}
 
     def figures(self, model: str) -> tuple[float, float, float, float]:
@@ -43,7 +43,7 @@ class _Best:
         out = self._memo.get(model)
         if out is None:
             types = {d.type for d in self.cluster.devices_for(model)}
-            phys = [derive_physics(self.cluster, model, t, self.perturb, self.seed) for t in types]
+            phys = [derive_physics(self.cluster, model, t, self.perturb, self.draws.seed) for t in types]
             out = self._memo[model] = (min(_per_token_s(p) for p in phys), min(_min_step_s(p) for p in phys),
                                        min(1 / p.prefill_tok_s for p in phys),
                                        min(self.draws.min_load_s(p) for p in phys))
@@ -64,7 +64,7 @@ def lower_bound_s(workflows: Sequence[Workflow], cluster: ClusterSpec, draws: Dr
     at t = 0 (the warm regime)."""
     if not workflows:
         return 0.0
-    best = _Best(cluster, perturb, draws.seed, draws)
+    best = _Best(cluster, perturb, draws)
     first = min(w.arrival_s for w in workflows)
     model_first_use: dict[str, float] = {}
     for w in sorted(workflows, key=lambda w: w.arrival_s):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from fate_ray.bench.instances import Instance
 from fate_ray.bench.lower_bound import run_lower_bound_s
-from fate_ray.bench.stats import best_baseline, bootstrap_ci, geomean, versus
+from fate_ray.bench.stats import best_baseline, bootstrap_ci, geomean, ratios_to, versus
 from fate_ray.cost import CostEstimator
 from fate_ray.policies.registry import BASELINES
 from fate_ray.schema.cluster import ClusterSpec
@@ -105,18 +105,21 @@ def aggregate(results: Sequence[JobResult], policies: Sequence[str], baselines: 
     best = best_baseline(overall, [b for b in baselines if b in policies])
     reference = {(r["instance"], r["seed"]): r for r in complete if r["policy"] == best}
 
+    def with_versus(summary: dict, mine: Sequence[JobResult]) -> dict:
+        if best is not None:
+            summary.update(versus([r.row for r in mine if r.row["completed"] == r.row["workflows"]], reference))
+        return summary
+
     def section(keep: Callable[[dict], bool]) -> dict:
         out = {}
         for p in policies:
             mine = [r for r in results if r.row["policy"] == p and keep(r.row)]
-            out[p] = _summarise(mine, base)
-            if best is not None:
-                out[p].update(versus([r.row for r in mine if r.row["completed"] == r.row["workflows"]], reference))
+            out[p] = with_versus(_summarise(mine, base), mine)
         return out
 
     groups = sorted({r["group"] for r in rows if r["group"]})
     regimes = sorted({r.get("regime", "") for r in rows} - {""})
-    return {"policies": section(lambda r: True),
+    return {"policies": {p: with_versus(overall[p], [r for r in results if r.row["policy"] == p]) for p in policies},
             "by_group": {g: section(lambda r, g=g: r["group"] == g) for g in groups},
             "by_regime": {g: section(lambda r, g=g: r.get("regime") == g) for g in regimes},
             "best_baseline": best}
@@ -125,8 +128,8 @@ def aggregate(results: Sequence[JobResult], policies: Sequence[str], baselines: 
 def _summarise(results: Sequence[JobResult], base: dict) -> dict:
     rows = [r.row for r in results]
     ok = [r for r in rows if (r["instance"], r["seed"]) in base and r["completed"] == r["workflows"]]
-    makespan = _ratios(ok, base, "makespan_s")
-    p95 = _ratios(ok, base, "p95_s")
+    makespan = ratios_to(ok, base, "makespan_s")
+    p95 = ratios_to(ok, base, "p95_s")
     prompt = sum(r.prompt_tokens for r in results)
     plan_ms = [ms for r in results for ms in r.plan_ms]
     status: dict[str, int] = {}
@@ -152,16 +155,6 @@ def _summarise(results: Sequence[JobResult], base: dict) -> dict:
         "estimator_median_abs_log_error_uncalibrated": _mean([r.estimator_error_uncalibrated for r in results]),
         "runs": len(rows),
     }
-
-
-def _ratios(rows: Sequence[dict], base: dict, key: str) -> list[float]:
-    """Each run's `key` over the normaliser's on the same (instance, seed), where that is positive."""
-    out = []
-    for r in rows:
-        denominator = base[(r["instance"], r["seed"])][key]
-        if denominator > 0:
-            out.append(r[key] / denominator)
-    return out
 
 
 def _mean(values: Sequence[float]) -> float:

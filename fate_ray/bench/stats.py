@@ -65,13 +65,23 @@ def best_baseline(summary: Mapping[str, Mapping[str, float]], baselines: Sequenc
     return min(scored)[2] if scored else None
 
 
+def ratios_to(rows: Sequence[dict], reference: Mapping[tuple, dict], key: str) -> list[float]:
+    """Each run's `key` over the reference run's on the same (instance, seed), where that exists and is positive."""
+    out = []
+    for r in rows:
+        ref = reference.get((r["instance"], r["seed"]))
+        if ref is not None and ref[key] > 0:
+            out.append(r[key] / ref[key])
+    return out
+
+
 def versus(rows: Sequence[dict], reference: Mapping[tuple, dict]) -> dict:
     """vs-reference figures of a policy's runs (`rows`) against `reference` runs keyed by (instance, seed)."""
     out: dict = {}
     for metric, key in (("makespan", "makespan_s"), ("p95", "p95_s")):
         pairs = [(r[key], reference[(r["instance"], r["seed"])][key]) for r in rows
                  if (r["instance"], r["seed"]) in reference]
-        ratios = [a / b for a, b in pairs if b > 0]
+        ratios = ratios_to(rows, reference, key)
         out[f"vs_best_baseline_{metric}"] = geomean(ratios)
         out[f"vs_best_baseline_{metric}_ci95"] = bootstrap_ci(ratios)
         out[f"win_rate_{metric}"] = win_rate(pairs)

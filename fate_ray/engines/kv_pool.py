@@ -15,18 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from fate_ray.state import blocks_through
-
-
-def run_sizes(hashes: Sequence[int], start: int = 0) -> list[int]:
-    """Blocks each run of a chain adds, from run `start` on."""
-    before = blocks_through(hashes[start - 1]) if start else 0
-    out = []
-    for h in hashes[start:]:
-        through = blocks_through(h)
-        out.append(through - before)
-        before = through
-    return out
+from fate_ray.state import run_sizes
 
 
 class KvPool:

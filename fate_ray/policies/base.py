@@ -20,7 +20,7 @@ from fate_ray.cost import CostEstimator, RequestShape
 from fate_ray.events import StageKey
 from fate_ray.progress import DagInfo
 from fate_ray.schema.cluster import ClusterSpec
-from fate_ray.state import ClusterSnapshot, DeviceSnapshot, Residency
+from fate_ray.state import ClusterSnapshot, DeviceSnapshot, Residency, chain_blocks, matched_blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +135,9 @@ class RoundLoad:
         return "ACTIVE" if (d.device.device_id, model) in self.sent else d.state_of(model)
 
 
+RESIDENCY_TIER = {"ACTIVE": 0, "SLEEPING": 1, "ABSENT": 2}  # warmest first
+
+
 class StatelessService:
     """Stateless service time of one request on a device type (model resident, empty cache), memoised: make one
     per round, since calibration moves the estimates between rounds."""
@@ -150,11 +153,34 @@ class StatelessService:
             value = self._memo[key] = self.estimator.shard_cost(model, device_type, [req], None).service_s
         return value
 
+    def with_activation(self, model: str, device_type: str, req: RequestShape, state: Residency) -> float:
+        """Making the model ACTIVE from `state`, then the request's stateless service."""
+        return self.estimator.activation_s(model, device_type, state) + self(model, device_type, req)
 
-class BlockUnion:
-    """Blocks held by either of two containers (a device's prefix cache, the prompts a policy routed there this
-    round). The union of two prefix-closed sets is prefix-closed, so `state.prefix_match` may binary-search it."""
 
+class RoutedPrefixes:
+    """The prompt runs a router has sent to each (device, model) this round, on top of the device's cache (SGLang's
+    router inserts a request's text into its tree when it routes it). A cache plus whole prompts' runs is
+    prefix-closed, so `state.matched_blocks` may binary-search the union."""
+
+    def __init__(self):
+        self._runs: dict[tuple[str, str], set[int]] = {}
+        self._blocks: dict[tuple[str, str], int] = {}  # blocks those runs add to the device's cache
+
+    def matched_blocks(self, device_id: str, model: str, cache: Container[int], hashes: Sequence[int]) -> int:
+        return matched_blocks(_Union(cache, self._runs.get((device_id, model), ())), hashes)
+
+    def add(self, device_id: str, model: str, cache: Container[int], hashes: Sequence[int]) -> None:
+        key = (device_id, model)
+        held = self.matched_blocks(device_id, model, cache, hashes)
+        self._blocks[key] = self._blocks.get(key, 0) + chain_blocks(hashes) - held
+        self._runs.setdefault(key, set()).update(hashes)
+
+    def blocks(self, device_id: str, model: str) -> int:
+        return self._blocks.get((device_id, model), 0)
+
+
+class _Union:
     __slots__ = ("first", "second")
 
     def __init__(self, first: Container[int], second: Container[int]):
@@ -162,6 +188,11 @@ class BlockUnion:
 
     def __contains__(self, block: object) -> bool:
         return block in self.first or block in self.second
+
+
+def rank_order(frontier: Sequence[ReadyStage]) -> list[ReadyStage]:
+    """Highest upward rank first, then the oldest workflow, then the key (deterministic)."""
+    return sorted(frontier, key=lambda s: (-s.rank_s, s.arrival_s, s.key))
 
 
 def group_assignments(choices: Sequence[tuple[StageKey, str, int]]) -> tuple[Assignment, ...]:

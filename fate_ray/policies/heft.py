@@ -30,7 +30,7 @@ from __future__ import annotations
 from fate_ray.cost import RequestShape
 from fate_ray.policies.base import Plan, Policy, ReadyStage, RoundLoad, StatelessService, group_assignments
 from fate_ray.policies.registry import register
-from fate_ray.progress import DagInfo
+from fate_ray.progress import DagInfo, upward_ranks
 
 MAX_MEMO_DAGS = 256
 
@@ -53,8 +53,7 @@ class Heft(Policy):
                 best_id, best_finish, best_work = "", float("inf"), 0.0
                 for d in devices:
                     dev_id = d.device.device_id
-                    work = (self.estimator.activation_s(ready.model, d.device.type, load.state_of(d, ready.model))
-                            + service(ready.model, d.device.type, req))
+                    work = service.with_activation(ready.model, d.device.type, req, load.state_of(d, ready.model))
                     if load.free_at_s[dev_id] + work < best_finish:
                         best_id, best_finish, best_work = dev_id, load.free_at_s[dev_id] + work, work
                 load.add(best_id, best_work, model=ready.model)
@@ -71,18 +70,7 @@ class Heft(Policy):
             return hit[1]
         if len(self._ranks) >= MAX_MEMO_DAGS:
             self._ranks.clear()
-        ranks: dict[str, float] = {}
-        for root in dag.stages:
-            stack = [(root, False)]
-            while stack:  # post-order: every child's rank before its parent's
-                sid, children_done = stack.pop()
-                if sid in ranks:
-                    continue
-                if children_done:
-                    ranks[sid] = self._mean_cost_s(dag, sid) + max((ranks[c] for c in dag.children[sid]), default=0.0)
-                else:
-                    stack.append((sid, True))
-                    stack.extend((c, False) for c in dag.children[sid] if c not in ranks)
+        ranks = upward_ranks(dag.children, lambda sid: self._mean_cost_s(dag, sid))
         self._ranks[id(dag)] = (dag, ranks)
         return ranks
 

@@ -22,9 +22,9 @@ It does not see model loads beyond that filter, device speed, or the requests' l
 
 from __future__ import annotations
 
-from fate_ray.policies.base import BlockUnion, Plan, Policy, RoundLoad, group_assignments
+from fate_ray.policies.base import Plan, Policy, RoundLoad, RoutedPrefixes, group_assignments
 from fate_ray.policies.registry import register
-from fate_ray.state import chain_blocks, matched_blocks
+from fate_ray.state import chain_blocks
 
 PREFIX_WEIGHT = 3.0
 QUEUE_WEIGHT = 2.0
@@ -37,7 +37,7 @@ class LlmdScorer(Policy):
 
     def plan(self, snapshot, frontier):
         load = RoundLoad(snapshot)
-        routed: dict[tuple[str, str], set[int]] = {}  # (device, model) -> blocks routed there this round
+        routed = RoutedPrefixes()
         block_tokens = self.cluster.block_tokens
         choices = []
         for ready in frontier:
@@ -47,20 +47,18 @@ class LlmdScorer(Policy):
             capacity = self.cluster.models[model].cache_capacity_blocks(block_tokens) * block_tokens
             kv = {d.device.device_id: 1.0 - min(1.0, d.running_tokens.get(model, 0) / capacity)
                   if d.state_of(model) == "ACTIVE" else 1.0 for d in devices}
-            caches = {d.device.device_id: d.caches.get(model, ()) if d.state_of(model) == "ACTIVE" else ()
-                      for d in devices}
+            caches = {d.device.device_id: d.caches.get(model, ()) for d in devices}  # caches: ACTIVE models only
             for index, req in zip(ready.request_indices, ready.requests):
                 queues = {d.device.device_id: load.requests[d.device.device_id] for d in devices}
                 low, high = min(queues.values()), max(queues.values())
                 total = chain_blocks(req.block_hashes)
                 scores = {}
                 for dev_id, q in queues.items():
-                    prefix = (matched_blocks(BlockUnion(caches[dev_id], routed.get((dev_id, model), ())), req.block_hashes)
-                              / total if total else 0.0)
+                    prefix = routed.matched_blocks(dev_id, model, caches[dev_id], req.block_hashes) / total if total else 0.0
                     queue = 1.0 if high == low else (high - q) / (high - low)
                     scores[dev_id] = PREFIX_WEIGHT * prefix + QUEUE_WEIGHT * queue + KV_WEIGHT * kv[dev_id]
                 dev_id = min(scores, key=lambda k: (-scores[k], queues[k]))  # first listed on full ties
                 load.add(dev_id, 0.0, model=model)
-                routed.setdefault((dev_id, model), set()).update(req.block_hashes)
+                routed.add(dev_id, model, caches[dev_id], req.block_hashes)
                 choices.append((ready.key, dev_id, index))
         return Plan(group_assignments(choices))

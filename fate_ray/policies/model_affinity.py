@@ -13,10 +13,8 @@ the device listed first. It does not see caches or the requests' prompts.
 
 from __future__ import annotations
 
-from fate_ray.policies.base import Plan, Policy, RoundLoad, StatelessService, group_assignments
+from fate_ray.policies.base import RESIDENCY_TIER, Plan, Policy, RoundLoad, StatelessService, group_assignments
 from fate_ray.policies.registry import register
-
-TIER = {"ACTIVE": 0, "SLEEPING": 1, "ABSENT": 2}
 
 
 @register
@@ -34,9 +32,8 @@ class ModelAffinity(Policy):
                 for d in devices:
                     dev_id = d.device.device_id
                     state = load.state_of(d, ready.model)
-                    work = (self.estimator.activation_s(ready.model, d.device.type, state)
-                            + service(ready.model, d.device.type, req))
-                    key = (TIER[state], load.free_at_s[dev_id] + work)
+                    work = service.with_activation(ready.model, d.device.type, req, state)
+                    key = (RESIDENCY_TIER[state], load.free_at_s[dev_id] + work)
                     if key < best_key:
                         best_id, best_key, best_work = dev_id, key, work
                 load.add(best_id, best_work, model=ready.model)

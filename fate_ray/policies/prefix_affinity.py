@@ -24,14 +24,12 @@ a low-match request goes to the smallest tree, often a device that must load the
 
 from __future__ import annotations
 
-from fate_ray.policies.base import BlockUnion, Plan, Policy, RoundLoad, group_assignments
+from fate_ray.policies.base import RESIDENCY_TIER, Plan, Policy, RoundLoad, RoutedPrefixes, group_assignments
 from fate_ray.policies.registry import register
-from fate_ray.state import chain_blocks, matched_blocks
 
 CACHE_THRESHOLD = 0.3
 BALANCE_ABS_THRESHOLD = 64
 BALANCE_REL_THRESHOLD = 1.5
-TIER = {"ACTIVE": 0, "SLEEPING": 1, "ABSENT": 2}
 
 
 @register
@@ -40,27 +38,19 @@ class PrefixAffinity(Policy):
 
     def plan(self, snapshot, frontier):
         load = RoundLoad(snapshot)
-        # (device, model) -> blocks routed there this round and not in its cache: its tree = cache + these
-        routed: dict[tuple[str, str], set[int]] = {}
-        routed_blocks: dict[tuple[str, str], int] = {}  # their size in blocks
+        routed = RoutedPrefixes()  # a device's tree = its cache + what was routed there this round
         choices = []
         for ready in frontier:
             devices = self.candidates(snapshot, ready.model)
-            trees = {d.device.device_id: d.caches.get(ready.model, ()) if d.state_of(ready.model) == "ACTIVE" else ()
-                     for d in devices}
+            trees = {d.device.device_id: d.caches.get(ready.model, ()) for d in devices}  # caches: ACTIVE only
             for index, req in zip(ready.request_indices, ready.requests):
-                dev_id = self._route(ready.model, req, devices, trees, routed, routed_blocks, load)
+                dev_id = self._route(ready.model, req, devices, trees, routed, load)
                 load.add(dev_id, 0.0, model=ready.model)
-                held = matched_blocks(BlockUnion(trees[dev_id], routed.get((dev_id, ready.model), ())),
-                                      req.block_hashes)
-                key = (dev_id, ready.model)
-                routed_blocks[key] = routed_blocks.get(key, 0) + chain_blocks(req.block_hashes) - held
-                routed.setdefault((dev_id, ready.model), set()).update(h for h in req.block_hashes
-                                                                       if h not in trees[dev_id])
+                routed.add(dev_id, ready.model, trees[dev_id], req.block_hashes)
                 choices.append((ready.key, dev_id, index))
         return Plan(group_assignments(choices))
 
-    def _route(self, model: str, req, devices, trees, routed, routed_blocks, load: RoundLoad) -> str:
+    def _route(self, model: str, req, devices, trees, routed: RoutedPrefixes, load: RoundLoad) -> str:
         requests = load.requests
         loads = [requests[d.device.device_id] for d in devices]
         if max(loads) - min(loads) > BALANCE_ABS_THRESHOLD and max(loads) > BALANCE_REL_THRESHOLD * min(loads):
@@ -68,15 +58,14 @@ class PrefixAffinity(Policy):
         matched = {}
         for d in devices:
             dev_id = d.device.device_id
-            matched[dev_id] = matched_blocks(BlockUnion(trees[dev_id], routed.get((dev_id, model), ())),
-                                             req.block_hashes)
+            matched[dev_id] = routed.matched_blocks(dev_id, model, trees[dev_id], req.block_hashes)
         best = min(matched, key=lambda k: (-matched[k], requests[k]))  # longest match, then fewer requests
         if matched[best] * self.cluster.block_tokens / max(1, req.prompt_tokens) > CACHE_THRESHOLD:
             return best
 
         def tree_size(d) -> tuple:
             dev_id = d.device.device_id
-            return (len(trees[dev_id]) + routed_blocks.get((dev_id, model), 0), TIER[load.state_of(d, model)],
+            return (len(trees[dev_id]) + routed.blocks(dev_id, model), RESIDENCY_TIER[load.state_of(d, model)],
                     requests[dev_id])
 
         return min(devices, key=tree_size).device.device_id  # smallest tree

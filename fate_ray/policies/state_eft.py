@@ -21,9 +21,9 @@ them best).
 
 from __future__ import annotations
 
-from fate_ray.policies.base import Assignment, Plan, Policy, ReadyStage
+from fate_ray.policies.base import Assignment, Plan, Policy, ReadyStage, rank_order
 from fate_ray.policies.fate.config import FateConfig
-from fate_ray.policies.fate.greedy import RoundLedger, greedy_counts, rank_order
+from fate_ray.policies.fate.greedy import RoundLedger, greedy_counts
 from fate_ray.policies.fate.planner import split_requests
 from fate_ray.policies.fate.scoring import Candidate, Terms
 from fate_ray.policies.registry import register

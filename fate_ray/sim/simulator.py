@@ -57,6 +57,10 @@ class SimConfig:
     queue_order: QueueOrder = DEFAULT_QUEUE_ORDER  # the Controller's device-queue order, the same for every policy
     prefetch: bool = True  # the Controller's generic prefetch (a policy with `own_prefetch` replaces it)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.truth_perturb < 1:
+            raise ValueError(f"truth_perturb (--truth-perturb) must be in [0, 1), not {self.truth_perturb}")
+
     def draws(self) -> Draws:
         """The engine model's random draws for this run (the lower bound replays the same ones)."""
         return Draws(self.seed, self.output_sigma, self.load_noise)
@@ -158,7 +162,8 @@ class _Loop:
                  result: SimResult, record_trace: bool, workflows: Sequence[Workflow]):
         self.controller, self.engines, self.config, self.result = controller, engines, config, result
         self.record_trace = record_trace
-        self.parents = {(w.workflow_id, sid): st.parents for w in workflows for sid, st in w.stages.items()}
+        self.parents = ({(w.workflow_id, sid): st.parents for w in workflows for sid, st in w.stages.items()}
+                        if record_trace else {})
         self.seq = itertools.count()
         self.heap: list[tuple] = []
         self.todo: deque = deque()
@@ -206,11 +211,9 @@ class _Loop:
     def _handle(self, event, now_s: float) -> None:
         self.result.events += 1
         for cmd in self.controller.handle(event):
-            if isinstance(cmd, Dispatch):
-                self._finished(cmd.device_id, self.engines[cmd.device_id].submit(cmd, now_s))
-                self.touched.add(cmd.device_id)
-            elif isinstance(cmd, LoadModel):
-                _, done = self.engines[cmd.device_id].load(cmd, now_s)
+            if isinstance(cmd, (Dispatch, LoadModel)):
+                engine = self.engines[cmd.device_id]
+                done = engine.submit(cmd, now_s) if isinstance(cmd, Dispatch) else engine.load(cmd, now_s)[1]
                 self._finished(cmd.device_id, done)
                 self.touched.add(cmd.device_id)
             elif isinstance(cmd, WorkflowDone):
@@ -232,8 +235,8 @@ class _Loop:
 
     def _schedule(self, device_id: str) -> None:
         engine = self.engines[device_id]
-        at_s = engine.next_event_s()
-        if at_s == math.inf or not engine.alive:
+        at_s = engine.next_event_s() if engine.alive else math.inf
+        if at_s == math.inf:
             self.scheduled.pop(device_id, None)
             return
         key = (at_s, engine.version)

@@ -50,6 +50,7 @@ from fate_ray.traces.common import (
     iter_jsonl,
     parse_json,
     read_text,
+    trace_files,
 )
 from fate_ray.traces.lmcache import load_lmcache
 from fate_ray.traces.mooncake import load_mooncake
@@ -71,22 +72,13 @@ def load_dags(paths: str | Path | Iterable[str | Path], rng_seed: object,
     whose first record has `rK_queries` keys are loaded; other files (Mooncake or LMCache `.jsonl`, chat logs)
     are ignored. A named file must be one of the three. Missing paths and unparseable files raise InputError.
     """
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
     workflows: list[Workflow] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            for file in sorted(f for f in path.rglob("*") if f.is_file()):
-                kind = _kind(file)
-                if kind is not None:
-                    workflows += _load(kind, file, rng_seed, catalog_models)
-        elif path.is_file():
-            kind = _kind(path)
-            if kind is None:
-                raise input_error(path, 1, f"not a trace this importer knows: {_EXPECTED}")
-            workflows += _load(kind, path, rng_seed, catalog_models)
-        else:
-            raise input_error(path, 1, "no such file or directory")
+    for file, named in trace_files(paths):
+        kind = _kind(file)
+        if kind is not None:
+            workflows += _load(kind, file, rng_seed, catalog_models)
+        elif named:
+            raise input_error(file, 1, f"not a trace this importer knows: {_EXPECTED}")
     return workflows
 
 

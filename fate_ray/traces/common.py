@@ -8,7 +8,7 @@ import math
 import random
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,21 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
         raise input_error(path, 1, "no such file or directory") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise input_error(path, 1, f"cannot read the file ({exc.__class__.__name__}: {exc})") from None
+
+
+def trace_files(paths: str | Path | Iterable[str | Path], pattern: str = "*") -> Iterator[tuple[Path, bool]]:
+    """(file, named) for each path: a named file as it is, a folder's files matching `pattern` below it in sorted
+    path order (named False: a loader may skip those that are not its format). A missing path is an InputError."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    for path in map(Path, paths):
+        if path.is_dir():
+            for file in sorted(f for f in path.rglob(pattern) if f.is_file()):
+                yield file, False
+        elif path.is_file():
+            yield path, True
+        else:
+            raise input_error(path, 1, "no such file or directory")
 
 
 def catalog_models_of(cluster: ClusterSpec) -> dict[str, float]:

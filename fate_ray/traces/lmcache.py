@@ -26,6 +26,8 @@ ignored, empty ones with a warning).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fate_ray.traces.common import input_error, iter_jsonl, models_by_type, rng_for, warn
+from fate_ray.traces.common import input_error, iter_jsonl, models_by_type, rng_for, trace_files, warn
 from fate_ray.workload import ContextPart, Stage, TextPart, Workflow, estimate_tokens, stable_key
 
 FIELDS = ("timestamp", "input", "output", "session_id")
@@ -61,24 +63,20 @@ def load_lmcache(paths: str | Path | Iterable[str | Path], rng_seed: object,
                  catalog_models: Mapping[str, float]) -> list[Workflow]:
     """Sessions of the given files and folders (folders: every `*.jsonl` below, in sorted path order, whose first
     record is an LMCache call; others are ignored, empty ones warn), in order of arrival."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
     sessions: dict[str, list[_Call]] = {}
-    for path in map(Path, paths):
-        if path.is_dir():
-            for file in sorted(f for f in path.rglob("*.jsonl") if f.is_file()):
-                _read(file, sessions, named=False)
-        elif path.is_file():
-            _read(path, sessions, named=True)
-        else:
-            raise input_error(path, 1, "no such file or directory")
+    for file, named in trace_files(paths, "*.jsonl"):
+        _read(file, sessions, named)
     start_us = min((c.timestamp_us for calls in sessions.values() for c in calls), default=0.0)
     workflows = [_session_workflow(sid, calls, start_us, rng_seed, catalog_models) for sid, calls in sessions.items()]
     return sorted(workflows, key=lambda w: (w.arrival_s, w.workflow_id))
 
 
 def _read(path: Path, sessions: dict[str, list[_Call]], named: bool) -> None:
-    records = iter_jsonl(path)
+    with contextlib.closing(iter_jsonl(path)) as records:
+        _read_records(path, records, sessions, named)
+
+
+def _read_records(path: Path, records, sessions: dict[str, list[_Call]], named: bool) -> None:
     first = next(records, None)
     if first is None:
         if named:
@@ -91,7 +89,7 @@ def _read(path: Path, sessions: dict[str, list[_Call]], named: bool) -> None:
                               "session_id} with a number and three strings")
         return
     kept = 0
-    for line, record in [first, *records]:
+    for line, record in itertools.chain([first], records):
         if not is_lmcache_record(record):
             warn(path, line, "not an LMCache agent call (expected {timestamp, input, output, session_id} with a "
                  "number and three strings); row skipped")

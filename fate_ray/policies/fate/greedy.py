@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from fate_ray.events import StageKey
-from fate_ray.policies.base import ReadyStage
+from fate_ray.policies.base import ReadyStage, rank_order
 from fate_ray.policies.fate.config import FateConfig
 from fate_ray.policies.fate.scoring import Candidate
 
@@ -37,10 +37,6 @@ class RoundLedger:
         work_s = self.activation_s(c) + c.per_request_s * num_requests
         self.extra_s[c.device_id] = self.extra_s.get(c.device_id, 0.0) + work_s / c.concurrency
         self.activated.add((c.model, c.device_id))
-
-
-def rank_order(frontier: Sequence[ReadyStage]) -> list[ReadyStage]:
-    return sorted(frontier, key=lambda s: (-s.rank_s, s.arrival_s, s.key))
 
 
 def greedy_counts(frontier: Sequence[ReadyStage], candidates: Mapping[StageKey, list[Candidate]],

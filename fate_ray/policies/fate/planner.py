@@ -48,10 +48,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fate_ray.events import StageKey
-from fate_ray.policies.base import Assignment, Plan, Policy, PolicyContext, ReadyStage
+from fate_ray.policies.base import Assignment, Plan, Policy, PolicyContext, ReadyStage, rank_order
 from fate_ray.policies.fate.config import FateConfig
 from fate_ray.policies.fate.cpsat import PrefixPair, RoundModel
-from fate_ray.policies.fate.greedy import Counts, RoundLedger, greedy_counts, rank_order
+from fate_ray.policies.fate.greedy import Counts, RoundLedger, greedy_counts
 from fate_ray.policies.fate.scoring import Candidate, Scorer
 from fate_ray.policies.fate.validate import validate_plan
 from fate_ray.state import ClusterSnapshot
