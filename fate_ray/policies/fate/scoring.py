@@ -90,7 +90,10 @@ class Scorer:
 
     def score(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> dict[StageKey, list[Candidate]]:
         """Top-k candidates per stage, best first."""
+        # Per-round memos: the snapshot and the calibration do not change within a round.
         self._stage_memo: dict[tuple, tuple[float, float, float, float]] = {}
+        self._activation_memo: dict[tuple[str, str, Residency], float] = {}
+        self._options_memo: dict[tuple[int, str], list[tuple[DeviceSnapshot, float, float, float]]] = {}
         live = [d for d in snapshot.devices if d.alive]
         horizons = {s.key: self._horizon(s) for s in frontier}
         # NOTE: sorted, not a set: float sums over it (reach) must not depend on the process's string hash seed.
@@ -129,9 +132,9 @@ class Scorer:
         service_s = self._service_s(s, d)
         activation_s = self._activation_s(s.model, d) if cfg.residency else 0.0
         eviction_s = 0.0
+        evicts = d.plan_activation(s.model, self.cluster.models).evict if cfg.residency else ()
         if cfg.residency and cfg.horizon_hops > 0:
-            plan = d.plan_activation(s.model, self.cluster.models)
-            for m in plan.evict:
+            for m in evicts:
                 if m in needed and not any(e.state_of(m) == "ACTIVE" for e in live if e is not d):
                     eviction_s += self._activation_s(m, d, assume="ABSENT")
         occupy_s = (activation_s + service_s) / d.concurrency
@@ -139,7 +142,7 @@ class Scorer:
         if cfg.horizon_hops > 0:
             finish_s = queue_s + activation_s + service_s
             for h in horizon:
-                dl, dp, dr = self._future(s, d, h, live, now, finish_s, occupy_s)
+                dl, dp, dr = self._future(s, d, h, live, now, finish_s, occupy_s, evicts)
                 loc += h.weight * dl
                 pre += h.weight * dp
                 res += h.weight * dr
@@ -175,7 +178,11 @@ class Scorer:
         return base
 
     def _activation_s(self, model: str, d: DeviceSnapshot, assume: Residency | None = None) -> float:
-        return self.estimator.activation_s(model, d.device.type, assume or d.state_of(model))
+        key = (model, d.device.device_id, assume or d.state_of(model))
+        value = self._activation_memo.get(key)
+        if value is None:
+            value = self._activation_memo[key] = self.estimator.activation_s(model, d.device.type, key[2])
+        return value
 
     # -- look-ahead -------------------------------------------------------------------------------------------------
     def _horizon(self, s: ReadyStage) -> list[_Horizon]:
@@ -219,17 +226,25 @@ class Scorer:
             value = self._service_memo[key] = cost.prefill_s + cost.decode_s
         return value
 
+    def _options(self, dag: DagInfo, h: _Horizon, live) -> list[tuple[DeviceSnapshot, float, float, float]]:
+        """Per round, the live devices that fit h's model, with (free at, activation, stateless service) there."""
+        key = (id(dag), h.stage_id)
+        options = self._options_memo.get(key)
+        if options is None:
+            options = self._options_memo[key] = [
+                (e, e.free_at_s, self._activation_s(h.model, e), self._child_service_s(dag, h, e.device.type))
+                for e in live if self.cluster.fits(h.model, e.device.type)]
+        return options
+
     def _future(self, s: ReadyStage, d: DeviceSnapshot, h: _Horizon, live, now_s: float, ready_s: float,
-                occupy_s: float) -> tuple[float, float, float]:
-        """(locality, prefix, residency) parts of [best cost of h after s on d] - [best cost of h now]."""
+                occupy_s: float, evicts: Sequence[str]) -> tuple[float, float, float]:
+        """(locality, prefix, residency) parts of [best cost of h after s on d] - [best cost of h now];
+        `evicts`: the models that making s's model ACTIVE on d evicts."""
         dag = s.dag
         before_d = None
         best_other = float("inf")
-        for e in live:
-            if not self.cluster.fits(h.model, e.device.type):
-                continue
-            wait = max(0.0, e.free_at_s - now_s - ready_s)
-            cost = wait + self._activation_s(h.model, e) + self._child_service_s(dag, h, e.device.type)
+        for e, free_at_s, act_s, service_s in self._options(dag, h, live):
+            cost = max(0.0, free_at_s - now_s - ready_s) + act_s + service_s
             if e is d:
                 before_d = cost
             else:
@@ -242,15 +257,17 @@ class Scorer:
         same_model = h.model == s.model
         # The three state changes on d, each credited to its own dimension.
         loc_gain = h.num_requests * h.context_tokens / hit_rate if same_model and self.cfg.locality else 0.0
-        already = d.cached_tokens(h.model, s.requests[0].block_hashes, self.cluster.block_tokens)
-        shared = max(0, h.shared_tokens - already) if same_model and self.cfg.prefix else 0
+        shared = 0
+        if same_model and self.cfg.prefix:
+            shared = max(0, h.shared_tokens - d.cached_tokens(h.model, s.requests[0].block_hashes,
+                                                              self.cluster.block_tokens))
         pre_gain = h.num_requests * shared / hit_rate
         act_now = self._activation_s(h.model, d)
         act_after = act_now
         if self.cfg.residency:
             if same_model:
                 act_after = 0.0
-            elif h.model in d.plan_activation(s.model, self.cluster.models).evict:
+            elif h.model in evicts:
                 act_after = self._activation_s(h.model, d, assume="ABSENT")
         busy_s = max(0.0, d.free_at_s - now_s + occupy_s - ready_s) - max(0.0, d.free_at_s - now_s - ready_s)
         after_d = before_d + busy_s + (act_after - act_now) - loc_gain - pre_gain
