@@ -17,6 +17,7 @@ from fate_ray.schema.cluster import ClusterSpec, default_cluster_path, load_clus
 from fate_ray.schema.errors import InputError, Problem
 
 EXIT_USAGE = 2
+DEFAULT_TIME_SCALE = 0.01  # = fate_ray.engines.sim_engine.DEFAULT_TIME_SCALE (not imported: keeps startup light)
 WORKFLOWS_PER_INSTANCE = 50  # = fate_ray.bench.instances.WORKFLOWS_PER_INSTANCE (not imported: keeps startup light)
 # = fate_ray.controller.QUEUE_ORDERS, default first (DEFAULT_QUEUE_ORDER); not imported, as above (a test checks)
 QUEUE_ORDERS = ("arrival", "rank", "fifo")
@@ -113,14 +114,15 @@ def cmd_run(args) -> int:
     from fate_ray.schema.workflow import load_workflow
 
     cluster = _cluster(args.cluster)
-    check_policy_names([args.policy])
+    check_policy_names([args.policy or "fate"])
     workflows = [load_workflow(f, cluster)[1] for f in args.files]  # validate everything before touching Ray
     from fate_ray.runtime.driver import RunConfig, connect, run_workflows
 
     console = make_console()
-    cfg = RunConfig(policy=args.policy, engine=args.engine, time_scale=args.time_scale, out_dir=Path(args.out),
-                    timeout_s=args.timeout, **controller_options(args))
-    connect(cluster)
+    shared = connect(cluster)
+    planner, service_cluster = _planner_for_run(args, cluster, shared, console)
+    if service_cluster != cluster:  # attached to a service planning another catalog: validate against it
+        workflows = [load_workflow(f, service_cluster)[1] for f in args.files]
     last: dict[str, str] = {}
 
     def show(progress):
@@ -130,53 +132,145 @@ def cmd_run(args) -> int:
                 console.print(line)
                 last[p["workflow"]] = line
 
-    summary = run_workflows(cluster, workflows, cfg, on_progress=show)
+    cfg = RunConfig(out_dir=Path(args.out), timeout_s=args.timeout)
+    summary = run_workflows(workflows, cfg, planner, on_progress=show)
     for p in summary["workflows"]:
         if p["state"] == "failed":
             console.print(f"failed: {p['workflow']}: {p.get('error', '')}")
+    during = summary["model_events_during_run"]
+    console.print(f"model loads on the service while this run ran: {during['load']} (wakes {during['wake']}, "
+                  "prefetches and concurrent jobs included)")
     console.print(f"outputs in {cfg.out_dir}/ ({len(summary['workflows'])} workflows, "
                   f"{len(summary['failed'])} not done)")
     return 1 if summary["failed"] else 0
 
 
-def cmd_demo(args) -> int:
-    """The main job: a local Ray head on loopback, `ray job submit` of example workflows, their summary."""
-    from fate_ray.runtime.job import actor_names, submit_run
-    from fate_ray.runtime.local_head import start_local_head
+def _service_config(args):
+    from fate_ray.runtime.service import ServiceConfig
 
-    console = make_console()
-    cluster_path = default_cluster_path()
-    cluster = _cluster(str(cluster_path))
-    root = Path(__file__).resolve().parents[1]
-    out = Path(args.out).resolve()
-    files = [f"workflows/{name}.yaml" for name in ("rag_rerank", "mapreduce_summary", "multiturn_chain")]
-    console.print(f"[bold]fate-ray demo[/]: starting a local Ray head (loopback, {len(cluster.devices)} fake GPUs "
-                  f"for cluster {cluster.name!r})")
-    head = start_local_head(num_gpus=len(cluster.devices))
-    try:
-        console.print(f"dashboard {head.dashboard_url}   metrics {head.metrics_url}   temp dir {head.temp_dir}")
-        console.print(f"ray job submit --address {head.dashboard_url} --working-dir . -- "
-                      f"python -m fate_ray.cli run {' '.join(files)} --policy {args.policy} --out {out}")
-        proc = submit_run(head, root, [*files, "--cluster", str(cluster_path), "--policy", args.policy,
-                                       "--out", str(out)])
-        for line in proc.stdout.splitlines():
-            if ": " in line and ("stages" in line or line.startswith(("outputs", "failed"))):
-                console.print("  job> " + line)
-        named = actor_names(head)
-        console.print(f"actors on the dashboard: {', '.join(sorted(n for n in named if n.startswith('fate-')))}")
-        if proc.returncode != 0:
-            console.print(f"[red]the job failed[/] (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-            return 1
-        summary = json.loads((out / "summary.json").read_text())
-        for wf in summary["workflows"]:
-            console.print(f"{wf['workflow']}: {wf['state']} in {wf.get('latency_s', 0):.1f} s wall, "
-                          f"{wf['stages']} stages")
-        console.print(f"planner: {summary['stats']}")
-        console.print(f"outputs: {out}/<workflow>.jsonl, {out}/summary.json")
-    finally:
-        head.stop()
-        console.print("local Ray head stopped")
+    return ServiceConfig(policy=args.policy or "fate", engine=args.engine or "sim",
+                         time_scale=args.time_scale or DEFAULT_TIME_SCALE, **controller_options(args))
+
+
+def _planner_for_run(args, cluster: ClusterSpec, shared: bool, console):
+    """The planner this run submits to: the cluster's service (attached, or started and left running) on a shared
+    cluster, else actors scoped to this run. Returns (planner, the cluster it plans)."""
+    import ray
+
+    from fate_ray.runtime.service import ServiceError, find_planner, start_actors
+
+    cfg = _service_config(args)
+    if not shared:
+        return start_actors(cluster, cfg)[0], cluster
+    planner = find_planner()
+    if planner is None:
+        planner, workers = start_actors(cluster, cfg, detached=True)
+        console.print(f"no fate-ray service on this cluster: started one (cluster {cluster.name!r}, policy "
+                      f"{cfg.policy}, {len(workers)} workers); it keeps running after this job, `fate-ray down` stops it")
+        return planner, cluster
+    info = ray.get(planner.info.remote())
+    if args.cluster and info["cluster"] != cluster:
+        raise ServiceError(f"the running fate-ray service plans cluster {info['cluster'].name!r}, not {args.cluster}: "
+                           "omit --cluster, or `fate-ray down` and start it with this one")
+    if args.policy and info["policy"] != args.policy:
+        raise ServiceError(f"the running fate-ray service plans with policy {info['policy']!r}, not {args.policy!r}: "
+                           "omit --policy, or `fate-ray down` and `fate-ray up --policy` to change it")
+    console.print(f"attached to the fate-ray service (cluster {info['cluster'].name!r}, policy {info['policy']}, "
+                  f"{info['devices']} workers)")
+    return planner, info["cluster"]
+
+
+def _join_cluster(command: str) -> None:
+    import os
+
+    import ray
+
+    from fate_ray.runtime.service import ServiceError
+
+    if not os.environ.get("RAY_ADDRESS"):
+        raise ServiceError(f"fate-ray {command} works on a running Ray cluster: set RAY_ADDRESS to its address "
+                           "(e.g. 127.0.0.1:6390 for the README's head)")
+    ray.init(log_to_driver=False, logging_level="WARNING")
+
+
+def cmd_up(args) -> int:
+    import ray
+
+    from fate_ray.policies import check_policy_names
+    from fate_ray.runtime.service import find_planner, start_actors
+
+    cluster = _cluster(args.cluster)
+    check_policy_names([args.policy or "fate"])
+    _join_cluster("up")
+    planner = find_planner()
+    if planner is not None:
+        info = ray.get(planner.info.remote())
+        print(f"the fate-ray service is already running (cluster {info['cluster'].name!r}, policy {info['policy']}, "
+              f"{info['devices']} workers); `fate-ray down` stops it")
+        return 0
+    cfg = _service_config(args)
+    _, workers = start_actors(cluster, cfg, detached=True)
+    print(f"started the fate-ray service: fate-planner and {len(workers)} workers in namespace 'fate' (cluster "
+          f"{cluster.name!r}, policy {cfg.policy}); jobs attach with `fate-ray run`, `fate-ray down` stops it")
     return 0
+
+
+def cmd_down(args) -> int:
+    from fate_ray.runtime.service import stop_service
+
+    _join_cluster("down")
+    names = stop_service()
+    print(f"stopped {len(names)} fate-ray actor(s)" if names else "no fate-ray service was running")
+    return 0
+
+
+def cmd_status(args) -> int:
+    import ray
+    from rich.table import Table
+
+    from fate_ray.runtime.service import find_planner
+
+    _join_cluster("status")
+    planner = find_planner()
+    if planner is None:
+        print("no fate-ray service on this cluster; `fate-ray up` starts one")
+        return 1
+    st = ray.get(planner.service_status.remote())
+    console = make_console()
+    console.print(f"fate-ray service: cluster {st['cluster']!r}, policy {st['policy']}, model loads "
+                  f"{st['model_events']['load']}, wakes {st['model_events']['wake']}, evictions "
+                  f"{st['model_events']['evict']}")
+    devices = Table("device", "alive", "running", "queued", "resident models")
+    for d in st["devices"]:
+        devices.add_row(d["device"], "yes" if d["alive"] else "no", f"{d['running']}/{d['concurrency']}",
+                        str(d["queued"]), ", ".join(d["resident"]) or "-")
+    console.print(devices)
+    if st["workflows"]:
+        workflows = Table("workflow", "job", "stages", "state")
+        for w in st["workflows"]:
+            workflows.add_row(w["workflow"], w["job"], f"{w['stages_done']}/{w['stages']}", w["state"])
+        console.print(workflows)
+    else:
+        console.print("no workflows running")
+    return 0
+
+
+def cmd_stop_head(args) -> int:
+    from fate_ray.runtime.local_head import stop_head
+
+    temp_dir = Path(args.temp_dir).resolve()
+    n = stop_head(temp_dir)
+    print(f"stopped {n} Ray process(es) of the head in {temp_dir}" if n else f"no Ray process uses {temp_dir}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job: the README's service steps on a local head (fate_ray/runtime/demo.py)."""
+    from fate_ray.runtime.demo import run_demo
+
+    cluster_path = default_cluster_path()
+    return run_demo(_cluster(str(cluster_path)), cluster_path, Path(__file__).resolve().parents[1],
+                    Path(args.out).resolve(), args.policy, make_console())
 
 
 def controller_options(args) -> dict:
@@ -190,6 +284,16 @@ def add_controller_options(p: argparse.ArgumentParser) -> None:
                    "upward rank; rank = upward rank first; fifo = placement order (default %(default)s)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="switch off the Controller's generic prefetch of the next stages' models (every policy)")
+
+
+def add_service_options(p: argparse.ArgumentParser) -> None:
+    """What the planner service is started with; a run attaching to a running service must not ask otherwise."""
+    p.add_argument("--cluster", help="cluster YAML (default: the mixed H100/L4 cluster, or the running service's)")
+    p.add_argument("--policy", help="planning policy (default: fate, or the running service's)")
+    p.add_argument("--engine", choices=["sim"], help="sim: modelled durations (vLLM comes next)")
+    p.add_argument("--time-scale", type=float,
+                   help=f"SimEngine: wall seconds per modelled second (default {DEFAULT_TIME_SCALE})")
+    add_controller_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,18 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_controller_options(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("run", help="run workflows on Ray (joins RAY_ADDRESS, else starts a local cluster)")
+    p = sub.add_parser("run", help="run workflows on Ray: on RAY_ADDRESS's cluster through its fate-ray service "
+                       "(started if none), else on an embedded local cluster")
     p.add_argument("files", nargs="+")
-    p.add_argument("--cluster")
-    p.add_argument("--policy", default="fate")
-    p.add_argument("--engine", choices=["sim"], default="sim", help="sim: modelled durations (vLLM comes next)")
-    p.add_argument("--time-scale", type=float, default=0.01, help="SimEngine: wall seconds per modelled second")
     p.add_argument("--out", default="results/run")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
-    add_controller_options(p)
+    add_service_options(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", help="the main job: ray job submit of example workflows to a local Ray head")
+    p = sub.add_parser("up", help="start the fate-ray service (planner + one worker per GPU) on RAY_ADDRESS's cluster")
+    add_service_options(p)
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop the fate-ray service on RAY_ADDRESS's cluster")
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("status", help="devices, resident models, queues and running workflows of the service")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("stop-head", help="stop the Ray head started with --temp-dir DIR, and only that one "
+                       "(`ray stop` stops every Ray on the machine)")
+    p.add_argument("temp_dir", metavar="DIR")
+    p.set_defaults(func=cmd_stop_head)
+
+    p = sub.add_parser("demo", help="the main job: a local Ray head, the planner service, concurrent and repeated "
+                       "`ray job submit`s of example workflows")
     p.add_argument("--policy", default="fate")
     p.add_argument("--out", default="results/demo")
     p.set_defaults(func=cmd_demo)
@@ -259,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for p in exc.problems:
             print(p, file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # incl. ServiceError
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

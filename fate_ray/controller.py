@@ -38,6 +38,7 @@ from fate_ray.events import (
     StageDone,
     WorkerLost,
     WorkerStateReported,
+    WorkflowCancelled,
     WorkflowDone,
     WorkflowReleased,
     WorkflowSubmitted,
@@ -129,6 +130,10 @@ class Controller:
             self._reported(event)
         elif isinstance(event, WorkflowReleased):
             self._release_workflow(event.workflow_id)
+        elif isinstance(event, WorkflowCancelled):
+            run = self.workflows.get(event.workflow_id)
+            if run is not None and run.remaining and self._is_current(run):
+                out += self._fail_workflow(run, event.reason)
         else:
             raise TypeError(f"unknown event {type(event).__name__}")
         if self.frontier:

@@ -101,7 +101,18 @@ class WorkflowReleased:
     now_s: float
 
 
-Event = WorkflowSubmitted | ShardFinished | ShardFailed | WorkerStateReported | WorkerLost | WorkflowReleased
+@dataclass(frozen=True, slots=True)
+class WorkflowCancelled:
+    """The job that submitted a workflow went away (`ray job stop`, or its driver died): drop its queued work.
+    Shards already running finish and are dropped; a finished workflow is unaffected."""
+
+    workflow_id: str
+    now_s: float
+    reason: str = "cancelled: its job stopped"
+
+
+Event = (WorkflowSubmitted | ShardFinished | ShardFailed | WorkerStateReported | WorkerLost | WorkflowReleased
+         | WorkflowCancelled)
 
 
 # -- commands ----------------------------------------------------------------------------------------------------

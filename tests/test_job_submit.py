@@ -1,6 +1,6 @@
 """`ray job submit` of a workflow to a real local Ray head on loopback (its own temp dir and ports): the job
-succeeds, its outputs exist, the dashboard lists the planner and workers by name; bad input fails the job with
-the validation message and no traceback."""
+starts the cluster's planner service when there is none (and says so), succeeds, its outputs exist, the dashboard
+lists the planner and workers by name; bad input fails the job with the validation message and no traceback."""
 
 from __future__ import annotations
 
@@ -9,21 +9,25 @@ from pathlib import Path
 
 import pytest
 
-from fate_ray.runtime.job import actor_names, submit_run
+from fate_ray.runtime.job import actor_names, fate_ray, submit_run
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CLUSTER = "workflows/clusters/local.yaml"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head(ray_head):
-    return ray_head
+    yield ray_head
+    down = fate_ray(ray_head, "down")  # the service a job started outlives it; other tests need the GPUs
+    assert down.returncode == 0, down.stderr
 
 
 def test_a_submitted_workflow_runs_and_the_dashboard_names_its_actors(head, tmp_path):
     out = tmp_path / "out"
     proc = submit_run(head, ROOT, ["workflows/self_consistency.yaml", "--cluster", LOCAL_CLUSTER, "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    started = "no fate-ray service on this cluster: started one (cluster 'local', policy fate, 2 workers)"
+    assert started in proc.stdout, proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["failed"] == []
     rows = [json.loads(line) for line in (out / "self-consistency.jsonl").read_text().splitlines()]

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fate_ray.runtime.driver import RunConfig, run_workflows, start_actors
+from fate_ray.runtime.driver import RunConfig, run_workflows
+from fate_ray.runtime.service import ServiceConfig, start_actors
 from fate_ray.schema.cluster import load_cluster
 from fate_ray.schema.workflow import load_workflow
 
@@ -57,10 +58,9 @@ def query(prom: str, expr: str) -> list:
 def test_prometheus_scrapes_the_planner_metrics(ray_client, prometheus, tmp_path):
     """A run on the session head, then its `ray_fate_*` series read back from Prometheus."""
     cluster = load_cluster(ROOT / "workflows" / "clusters" / "local.yaml")
-    cfg = RunConfig(out_dir=tmp_path, time_scale=0.01)
-    planner, _ = start_actors(cluster, cfg, name_suffix="-metrics")
+    planner, _ = start_actors(cluster, ServiceConfig(time_scale=0.01), name_suffix="-metrics")
     wfs = [load_workflow(ROOT / "workflows" / f"{n}.yaml", cluster)[1] for n in ("rag_rerank", "self_consistency")]
-    summary = run_workflows(cluster, wfs, cfg, planner=planner)
+    summary = run_workflows(wfs, RunConfig(out_dir=tmp_path), planner)
     assert summary["failed"] == []
     shards = summary["stats"]["shards_dispatched"]
     mine = '{planner="fate-planner-metrics"}'  # the session's head also holds other tests' planners

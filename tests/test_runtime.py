@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from fate_ray.runtime.driver import RunConfig, read_requests, run_workflows, start_actors
+from fate_ray.runtime.driver import RunConfig, read_requests, run_workflows
+from fate_ray.runtime.service import ServiceConfig, start_actors
 from fate_ray.schema.cluster import load_cluster
 from fate_ray.schema.workflow import load_workflow
 
@@ -35,7 +36,7 @@ def ray_cluster(ray_client):
 
 @pytest.fixture
 def actors(ray_cluster, cluster, request):
-    cfg = RunConfig(policy="fate", time_scale=0.01, fail_stages=frozenset(getattr(request, "param", ())))
+    cfg = ServiceConfig(policy="fate", time_scale=0.01, fail_stages=frozenset(getattr(request, "param", ())))
     planner, workers = start_actors(cluster, cfg, name_suffix=f"-t{next(_suffix)}")
     yield cfg, planner, workers
     for handle in [planner, *workers.values()]:
@@ -59,7 +60,7 @@ def outputs_by_request(out_dir: Path, workflow_id: str) -> dict:
 def test_examples_run_to_completion_with_every_output_once(cluster, actors, tmp_path):
     cfg, planner, _ = actors
     wfs = examples(cluster, ["rag_rerank", "mapreduce_summary", "self_consistency"])
-    summary = run_workflows(cluster, wfs, RunConfig(out_dir=tmp_path, time_scale=cfg.time_scale), planner=planner)
+    summary = run_workflows(wfs, RunConfig(out_dir=tmp_path), planner)
     assert summary["failed"] == []
     assert (tmp_path / "gantt.png").stat().st_size > 10_000
     for wf in wfs:
@@ -79,9 +80,9 @@ def test_examples_run_to_completion_with_every_output_once(cluster, actors, tmp_
 def test_two_submissions_of_one_workflow_share_the_cluster(cluster, actors, tmp_path):
     cfg, planner, _ = actors
     wfs = examples(cluster, ["multiturn_chain", "multiturn_chain"])
-    summary = run_workflows(cluster, wfs, RunConfig(out_dir=tmp_path, time_scale=cfg.time_scale), planner=planner)
+    summary = run_workflows(wfs, RunConfig(out_dir=tmp_path), planner)
     assert summary["failed"] == []
-    assert {p["workflow"] for p in summary["workflows"]} == {"multiturn-chain", "multiturn-chain-2"}
+    assert {p["name"] for p in summary["workflows"]} == {"multiturn-chain", "multiturn-chain-2"}
 
 
 def test_a_workflow_submitted_while_another_runs_shares_the_planner(cluster, actors):
@@ -116,7 +117,7 @@ def test_a_worker_killed_mid_shard_loses_no_output(cluster, actors, tmp_path):
     assert status[ids[0]]["state"] == "done", status
     from fate_ray.runtime.driver import write_results
 
-    write_results(planner, ids, list(status.values()), tmp_path)
+    write_results(planner, {w: w for w in ids}, list(status.values()), tmp_path)
     got = outputs_by_request(tmp_path, ids[0])
     wf = wfs[0]
     assert set(got) == {(sid, i) for sid, st in wf.stages.items() for i in range(st.num_requests)}
@@ -129,13 +130,13 @@ def test_a_stage_that_always_fails_fails_its_workflow_and_the_others_finish(clus
     cfg, planner, _ = actors
     # multiturn_chain has a `title` stage; the injected fault makes every attempt of it fail.
     wfs = examples(cluster, ["multiturn_chain", "rag_rerank"])
-    summary = run_workflows(cluster, wfs, RunConfig(out_dir=tmp_path, time_scale=cfg.time_scale), planner=planner)
-    by_id = {p["workflow"]: p for p in summary["workflows"]}
+    summary = run_workflows(wfs, RunConfig(out_dir=tmp_path), planner)
+    by_id = {p["name"]: p for p in summary["workflows"]}
     assert by_id["multiturn-chain"]["state"] == "failed"
     assert "stage 'title' failed after 3 attempt(s)" in by_id["multiturn-chain"]["error"]
     assert "injected failure" in by_id["multiturn-chain"]["error"]
     assert by_id["rag-rerank"]["state"] == "done"
-    assert summary["failed"] == ["multiturn-chain"]
+    assert summary["failed"] == [by_id["multiturn-chain"]["workflow"]]
 
 
 def test_the_runtime_makes_the_simulators_assignments(ray_cluster, cluster, tmp_path):
@@ -148,10 +149,10 @@ def test_the_runtime_makes_the_simulators_assignments(ray_cluster, cluster, tmp_
     wfs = examples(cluster, ["multiturn_chain"])
     sim = simulate(cluster, wfs, "fate", SimConfig(seed=0, output_sigma=0.0, load_noise=False), record_trace=True)
     expected = sorted((r["start_s"], r["stage"], r["device"]) for r in sim.trace_rows())
-    cfg = RunConfig(policy="fate", time_scale=0.005, out_dir=tmp_path, draws=Draws(0, 0.0, False))
+    cfg = ServiceConfig(policy="fate", time_scale=0.005, draws=Draws(0, 0.0, False))
     planner, workers = start_actors(cluster, cfg, name_suffix=f"-t{next(_suffix)}")
     try:
-        summary = run_workflows(cluster, wfs, cfg, planner=planner)
+        summary = run_workflows(wfs, RunConfig(out_dir=tmp_path), planner)
         assert summary["failed"] == []
         shards = list({row["shard"]: row for row in read_requests(tmp_path, "multiturn-chain")}.values())
         got = {(s["stage"], s["device"]) for s in shards}

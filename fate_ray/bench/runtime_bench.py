@@ -15,7 +15,8 @@ import ray
 from rich.console import Console
 
 from fate_ray.bench.instances import examples_dir
-from fate_ray.runtime.driver import RunConfig, connect, read_requests, run_workflows, start_actors
+from fate_ray.runtime.driver import RunConfig, connect, read_requests, run_workflows
+from fate_ray.runtime.service import ServiceConfig, start_actors
 from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.schema.workflow import load_workflow
 from fate_ray.sim.simulator import percentile
@@ -30,14 +31,15 @@ def run_runtime_bench(cluster: ClusterSpec, policies: list[str], out_dir: Path, 
     files = sorted(examples_dir().glob("*.yaml"))
     results: dict = {"suite": "runtime", "devices": len(cluster.devices), "time_scale": TIME_SCALE, "policies": {}}
     for k, policy in enumerate(policies):
-        cfg = RunConfig(policy=policy, time_scale=TIME_SCALE, out_dir=out_dir / policy)
-        planner, workers = start_actors(cluster, cfg, name_suffix=f"-bench{k}")
+        cfg = RunConfig(out_dir=out_dir / policy)
+        planner, workers = start_actors(cluster, ServiceConfig(policy=policy, time_scale=TIME_SCALE),
+                                        name_suffix=f"-bench{k}")
         workflows = [load_workflow(f, cluster)[1] for f in files] * copies
         started = time.perf_counter()
-        summary = run_workflows(cluster, workflows, cfg, planner=planner)
+        summary = run_workflows(workflows, cfg, planner)
         wall_s = time.perf_counter() - started
         shards = {row["shard"]: row for wf in summary["workflows"]
-                  for row in read_requests(cfg.out_dir, wf["workflow"])}.values()
+                  for row in read_requests(cfg.out_dir, wf["name"])}.values()
         overhead_ms = [(s["start_s"] - s["dispatched_s"]) * 1000 for s in shards]
         span_s = max(s["end_s"] for s in shards) - min(s["dispatched_s"] for s in shards)
         row = {"workflows": len(workflows), "shards": len(shards), "failed": len(summary["failed"]),

@@ -1,8 +1,9 @@
-"""`fate-ray run`: validate workflows, join or start a Ray cluster, start the planner and workers, run, report.
+"""`fate-ray run`'s driver: join or start a Ray cluster, submit workflows to a planner, wait, write the outputs.
 
 Joins the cluster named by `RAY_ADDRESS` (as `ray job submit` sets it); without one, starts an embedded local
 cluster with as many fake GPUs as the cluster YAML has devices. Writes, under `--out`, one JSONL file per workflow
-(every request's output with the shard, device and times that produced it) and `summary.json`.
+(every request's output with the shard, device and times that produced it), `summary.json` (with each workflow's
+model loads and wakes) and `gantt.png`.
 """
 
 from __future__ import annotations
@@ -16,50 +17,27 @@ from pathlib import Path
 
 import ray
 
-from fate_ray.controller import DEFAULT_QUEUE_ORDER, QueueOrder
-from fate_ray.engines.physics import Draws
-from fate_ray.engines.sim_engine import DEFAULT_TIME_SCALE
 from fate_ray.runtime.gantt import plot_gantt
-from fate_ray.runtime.planner import PLANNER_NAME, PlannerActor
-from fate_ray.runtime.worker import GpuWorker, worker_name
+from fate_ray.runtime.service import JobToken
 from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.workload import Workflow
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    policy: str = "fate"
-    engine: str = "sim"
-    time_scale: float = DEFAULT_TIME_SCALE
     out_dir: Path = Path("results/run")
     timeout_s: float = 600.0
-    seed: int = 0
-    fail_stages: frozenset[str] = frozenset()  # SimEngine fault injection (tests)
-    draws: Draws | None = None  # SimEngine's random draws; None = the simulator's defaults
-    queue_order: QueueOrder = DEFAULT_QUEUE_ORDER  # the Controller's device-queue order (as in the simulator)
-    prefetch: bool = True  # the Controller's generic prefetch
 
 
-def connect(cluster: ClusterSpec) -> None:
-    """Join `RAY_ADDRESS` if set, else start a local cluster with one fake GPU per device."""
+def connect(cluster: ClusterSpec) -> bool:
+    """Join `RAY_ADDRESS` if set (True), else start an embedded local cluster with one fake GPU per device (False)."""
     if ray.is_initialized():
-        return
+        return bool(os.environ.get("RAY_ADDRESS"))
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(address="local", num_gpus=len(cluster.devices), include_dashboard=False, log_to_driver=False)
-
-
-def start_actors(cluster: ClusterSpec, cfg: RunConfig, name_suffix: str = ""):
-    """One GpuWorker per device and the planner (`fate-planner`, plus `name_suffix` when several runs share a
-    cluster); returns the planner handle and the workers by device id."""
-    workers = {d.device_id: GpuWorker.options(name=worker_name(d.device_id) + name_suffix).remote(
-        cluster, d.device_id, cfg.engine, cfg.time_scale, cfg.fail_stages, cfg.draws) for d in cluster.devices}
-    ray.get([w.ping.remote() for w in workers.values()])
-    name = PLANNER_NAME + name_suffix
-    planner = PlannerActor.options(name=name).remote(cluster, cfg.policy, workers, cfg.seed, cfg.time_scale, name,
-                                                     cfg.queue_order, cfg.prefetch)
-    return planner, workers
+        ray.init(log_to_driver=False, logging_level="WARNING")
+        return True
+    ray.init(address="local", num_gpus=len(cluster.devices), include_dashboard=False, log_to_driver=False)
+    return False
 
 
 def unique_ids(workflows: Sequence[Workflow]) -> list[Workflow]:
@@ -73,34 +51,51 @@ def unique_ids(workflows: Sequence[Workflow]) -> list[Workflow]:
     return out
 
 
-def run_workflows(cluster: ClusterSpec, workflows: Sequence[Workflow], cfg: RunConfig, planner=None,
-                  on_progress=None) -> dict:
-    """Submit, wait with progress, write outputs; returns the summary (also written to summary.json)."""
-    if planner is None:
-        planner, _ = start_actors(cluster, cfg)
-    workflows = unique_ids(workflows)
-    ids = ray.get(planner.submit.remote(list(workflows)))
+def job_id() -> str:
+    """This driver's Ray job id: part of every workflow id it submits, so ids are unique across jobs."""
+    return ray.get_runtime_context().get_job_id()
+
+
+def run_workflows(workflows: Sequence[Workflow], cfg: RunConfig, planner, on_progress=None) -> dict:
+    """Submit under this job's id, wait with progress, write outputs; returns the summary (also summary.json).
+
+    The planner may be shared with other jobs: it cancels this job's workflows if this driver dies first.
+    """
+    job = job_id()
+    local = unique_ids(workflows)
+    named = [wf.with_arrival(f"{wf.workflow_id}@{job}", wf.arrival_s) for wf in local]
+    token = JobToken.remote()
+    ray.get(planner.watch_job.remote(job, token))
+    before = ray.get(planner.stats.remote())["model_events"]
+    ids = ray.get(planner.submit.remote(named, job))
     deadline = time.monotonic() + cfg.timeout_s
     while True:
-        progress = ray.get(planner.progress.remote())
-        mine = [p for p in progress if p["workflow"] in ids]
+        mine = ray.get(planner.progress.remote(ids))
         if on_progress:
             on_progress(mine)
         if all(p["state"] != "running" for p in mine) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    return write_results(planner, ids, mine, cfg.out_dir)
+    return write_results(planner, dict(zip(ids, (wf.workflow_id for wf in local))), mine, cfg.out_dir, before)
 
 
-def write_results(planner, ids: list[str], progress: list[dict], out_dir: Path) -> dict:
-    """Write each workflow's requests (`<workflow>.jsonl`), `summary.json` and `gantt.png`, then release the
-    workflows from the planner, which forgets them."""
+def write_results(planner, ids: dict[str, str], progress: list[dict], out_dir: Path,
+                  model_events_before: dict[str, int] | None = None) -> dict:
+    """Write each workflow's requests (`<workflow>.jsonl`, named by its id in this job), `summary.json` and
+    `gantt.png`, then release the workflows from the planner, which forgets them. `ids`: planner id -> local id;
+    `model_events_before`: the planner's model event counts when the run began (the summary gives the increase:
+    loads, wakes and evictions on the service while the run ran, prefetches and other jobs' included)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     all_shards = []
-    for wid in ids:
+    activations: dict[str, dict[str, int]] = {}
+    for wid, local in ids.items():
         res = ray.get(planner.results.remote(wid))
         all_shards += res["shards"]
-        with open(out_dir / f"{wid.replace('/', '_')}.jsonl", "w") as fh:
+        counts = activations[wid] = {"load": 0, "wake": 0}
+        for shard in res["shards"]:
+            if shard["activation"] in counts:
+                counts[shard["activation"]] += 1
+        with open(out_dir / f"{local.replace('/', '_')}.jsonl", "w") as fh:
             for shard in sorted(res["shards"], key=lambda s: s["started_s"]):
                 for pos, index in enumerate(shard["request_indices"]):
                     fh.write(json.dumps({
@@ -110,11 +105,17 @@ def write_results(planner, ids: list[str], progress: list[dict], out_dir: Path) 
                         "end_s": shard["ended_s"], "output_tokens": shard["output_tokens"][pos],
                         "output": shard["outputs"][pos],
                     }) + "\n")
-    summary = {"workflows": progress, "stats": ray.get(planner.stats.remote()),
+    for p in progress:  # what each workflow's own shards had to load or wake: 0 when it found its models resident
+        p["name"] = ids[p["workflow"]]  # its id in this run, which names its file
+        p["model_loads"], p["model_wakes"] = activations[p["workflow"]]["load"], activations[p["workflow"]]["wake"]
+    stats = ray.get(planner.stats.remote())
+    before = model_events_before or {}
+    summary = {"workflows": progress, "stats": stats,
+               "model_events_during_run": {k: v - before.get(k, 0) for k, v in stats["model_events"].items()},
                "failed": [p["workflow"] for p in progress if p["state"] != "done"]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_gantt(all_shards, out_dir / "gantt.png", f"fate-ray run: {len(ids)} workflow(s)")
-    ray.get(planner.release.remote(ids))
+    ray.get(planner.release.remote(list(ids)))
     return summary
 
 

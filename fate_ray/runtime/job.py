@@ -1,4 +1,5 @@
-"""`ray job submit` of a workflow run against a local head: the main job `make demo` runs."""
+"""`ray job submit` of workflow runs, and the `fate-ray` service commands, against a local head (what `make demo`
+and the tests run)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,11 @@ AGENT_WAIT_S = 60.0
 
 def submit_run(head: LocalHead, working_dir: Path, run_args: Sequence[str], timeout_s: float = 600.0,
                ) -> subprocess.CompletedProcess:
-    """`ray job submit --address <dashboard> --working-dir <dir> -- python -m fate_ray.cli run <args>`; waits.
-
-    The entrypoint names this interpreter: the head is local and shares it (a remote cluster would say `python`).
-    """
+    """`ray job submit --address <dashboard> --working-dir <dir> -- fate-ray run <args>`, as the README's steps
+    do (the head's PATH finds this environment's `fate-ray`); waits for the job to end."""
     ray_bin = Path(sys.executable).with_name("ray")
     cmd = [str(ray_bin), "job", "submit", "--address", head.dashboard_url, "--working-dir", str(working_dir), "--",
-           sys.executable, "-m", "fate_ray.cli", "run", *run_args]
+           "fate-ray", "run", *run_args]
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         proc = subprocess.run(cmd, env=head.env(), capture_output=True, text=True, timeout=timeout_s, cwd=working_dir)
@@ -31,6 +30,12 @@ def submit_run(head: LocalHead, working_dir: Path, run_args: Sequence[str], time
         if "No available agent" not in proc.stderr + proc.stdout or time.monotonic() > deadline:
             return proc
         time.sleep(2.0)
+
+
+def fate_ray(head: LocalHead, *args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess:
+    """`fate-ray <args>` against the head (RAY_ADDRESS set), as a user's shell would run it."""
+    cmd = [str(Path(sys.executable).with_name("fate-ray")), *args]
+    return subprocess.run(cmd, env=head.env(), capture_output=True, text=True, timeout=timeout_s)
 
 
 def actor_names(head: LocalHead) -> dict[str, str]:

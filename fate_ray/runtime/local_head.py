@@ -23,7 +23,10 @@ LOOPBACK = "127.0.0.1"
 
 
 def head_env() -> dict[str, str]:
-    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+    """The head's environment: its jobs' entrypoints (`fate-ray run ...`) find this interpreter's scripts first,
+    as they would on a head started from the project's activated environment."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
             "RAY_USAGE_STATS_ENABLED": "0"}
 
 
@@ -61,6 +64,55 @@ class LocalHead:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=timeout_s)
+
+
+def stop_head(temp_dir: Path, grace_s: float = 10.0) -> int:
+    """Stop the Ray processes started with `--temp-dir=temp_dir` (every process whose command line names that
+    folder, and their descendants), leaving other Ray instances on the machine alone; returns how many processes
+    were signalled. Ray's daemons ignore SIGTERM for a while, so what is still there after `grace_s` is killed."""
+    # Whole arguments only: /tmp/fray must not match another head's /tmp/fray-abc.
+    exact = {f"--temp-dir={temp_dir}", f"--temp_dir={temp_dir}"}
+    inside = f"{temp_dir}/"
+    parent: dict[int, int] = {}
+    targets: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if any(a in exact or inside in a for a in args):
+            targets.add(int(proc.name))
+    grew = True
+    while grew:  # descendants too (the dashboard agent renames itself and no longer names the folder)
+        more = {pid for pid, ppid in parent.items() if ppid in targets} - targets
+        targets |= more
+        grew = bool(more)
+    targets.discard(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in targets:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while sig == signal.SIGTERM and time.monotonic() < deadline and any(_alive(p) for p in targets):
+            time.sleep(0.2)
+    return len(targets)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers signal 0: it is gone all the same.
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
 
 
 def start_local_head(num_gpus: int, num_cpus: int = 2, gcs_port: int = 6390, dashboard_port: int = 8265,

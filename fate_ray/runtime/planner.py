@@ -10,6 +10,9 @@ The actor never reads the Controller's internals: what it shows or measures come
 returns and from `Controller.status()`, taken under the same lock as `handle`. Once the driver has written a
 workflow's results it calls `release`, and the Controller and this actor forget the workflow, so a long-lived
 planner's memory does not grow with its history.
+
+As the cluster's service (service.py) it is shared by every job: each workflow records the Ray job that submitted
+it, and when that job's `JobToken` dies (`watch_job`) its unfinished workflows are cancelled and forgotten.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from fate_ray.events import (
     ShardFinished,
     StageDone,
     WorkerLost,
+    WorkflowCancelled,
     WorkflowDone,
     WorkflowReleased,
     WorkflowSubmitted,
@@ -55,6 +59,7 @@ class ShardRecord:
     request_indices: tuple[int, ...]
     dispatched_s: float
     prompt_tokens: int = 0
+    activation: str = "resident"  # what the device had to do first: resident, wake or load
     started_s: float = 0.0
     ended_s: float = 0.0
     outputs: tuple[str, ...] = ()
@@ -65,6 +70,7 @@ class ShardRecord:
 @dataclass
 class WorkflowRecord:
     submitted_s: float
+    job: str = ""  # the Ray job that submitted it (the service cancels its workflows when that job goes away)
     done: WorkflowDone | None = None
     done_wall_s: float = 0.0
     finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -73,7 +79,10 @@ class WorkflowRecord:
 @ray.remote(num_cpus=0)
 class PlannerActor:
     def __init__(self, cluster: ClusterSpec, policy: str, workers: dict, seed: int = 0, time_scale: float = 1.0,
-                 name: str = PLANNER_NAME, queue_order: QueueOrder = DEFAULT_QUEUE_ORDER, prefetch: bool = True):
+                 name: str = PLANNER_NAME, queue_order: QueueOrder = DEFAULT_QUEUE_ORDER, prefetch: bool = True,
+                 engine: str = "sim"):
+        self.cluster = cluster
+        self.engine = engine
         estimator = CostEstimator(cluster, Calibration())
         self.timer = PlanTimer(make_policy(policy, PolicyContext(cluster, estimator, seed)))
         self.controller = Controller(cluster, self.timer, estimator, queue_order=queue_order, prefetch=prefetch)
@@ -88,17 +97,25 @@ class PlannerActor:
         self.workflows: dict[str, WorkflowRecord] = {}
         self.shards: dict[str, ShardRecord] = {}
         self.tasks: set[asyncio.Task] = set()
+        self.model_events = {"load": 0, "wake": 0, "evict": 0}  # over the planner's life (prefetches included)
 
     def _now_s(self) -> float:
         return (time.monotonic() - self.t0) / self.time_scale
 
     # -- driver API -------------------------------------------------------------------------------------------------
-    async def submit(self, workflows: list[Workflow]) -> list[str]:
+    async def info(self) -> dict:
+        """What the service was started with: a job attaching to it plans against this cluster and policy."""
+        return {"cluster": self.cluster, "policy": self.policy_name, "engine": self.engine,
+                "time_scale": self.time_scale, "devices": len(self.workers)}
+
+    async def submit(self, workflows: list[Workflow], job: str = "") -> list[str]:
         if self._gauge_task is None:
             self._gauge_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
         ids = []
         for wf in workflows:
-            self.workflows[wf.workflow_id] = WorkflowRecord(time.time())
+            if wf.workflow_id in self.workflows:
+                raise ValueError(f"workflow id {wf.workflow_id!r} is already running on this planner")
+            self.workflows[wf.workflow_id] = WorkflowRecord(time.time(), job)
             await self._handle(WorkflowSubmitted(wf.with_arrival(wf.workflow_id, self._now_s()), self._now_s()))
             ids.append(wf.workflow_id)
         return ids
@@ -124,9 +141,36 @@ class PlannerActor:
                        latency_s=rec.done_wall_s - rec.submitted_s)
         return out
 
-    async def progress(self) -> list[dict]:
+    async def progress(self, workflow_ids: list[str] | None = None) -> list[dict]:
         status = await self._status()
-        return [self._progress_of(w, status) for w in self.workflows]
+        ids = self.workflows if workflow_ids is None else [w for w in workflow_ids if w in self.workflows]
+        return [self._progress_of(w, status) for w in ids]
+
+    async def watch_job(self, job: str, token) -> None:
+        """Cancel and forget the job's workflows once its `JobToken` dies (the job ended or was stopped)."""
+        self._spawn(self._watch_job(job, token))
+
+    async def _watch_job(self, job: str, token) -> None:
+        try:
+            await token.hold.remote()
+        except Exception:  # noqa: BLE001 -- any way the token goes means the job is gone
+            pass
+        mine = [wid for wid, rec in self.workflows.items() if rec.job == job]
+        for wid in mine:
+            if self.workflows[wid].done is None:
+                logger.info("job %s went away: cancelling workflow %s", job, wid)
+                await self._handle(WorkflowCancelled(wid, self._now_s()))
+        await self.release(mine)  # nobody will fetch them now
+
+    async def service_status(self) -> dict:
+        """For `fate-ray status`: devices with their resident models and queues, and the workflows running."""
+        status = await self._status()
+        devices = [{"device": d.device_id, "alive": d.alive, "running": d.running_shards,
+                    "concurrency": d.concurrency, "queued": d.queued_shards, "resident": list(d.active_models)}
+                   for d in status.devices]
+        workflows = [{**self._progress_of(w, status), "job": rec.job} for w, rec in self.workflows.items()]
+        return {"cluster": self.cluster.name, "policy": self.policy_name, "devices": devices,
+                "workflows": workflows, "model_events": dict(self.model_events)}
 
     async def results(self, workflow_id: str) -> dict:
         """Every request's output and the shard that produced it, per stage."""
@@ -156,7 +200,7 @@ class PlannerActor:
         s = (await self._status()).stats
         return {"planning_rounds": s.planning_rounds, "shards_dispatched": s.shards_dispatched,
                 "duplicate_finishes": s.duplicate_finishes, "retries": s.retries, "prefetches": s.prefetches,
-                "solver_status": dict(s.solver_status)}
+                "solver_status": dict(s.solver_status), "model_events": dict(self.model_events)}
 
     # -- the shell --------------------------------------------------------------------------------------------------
     async def _handle(self, event) -> None:
@@ -186,8 +230,10 @@ class PlannerActor:
     def _record_model_events(self, device_id: str, activation: str, evict: tuple[str, ...]) -> None:
         if activation in ("load", "wake"):
             self.metrics.model_events.inc(1, {"device": device_id, "kind": activation})
+            self.model_events[activation] += 1
         if evict:
             self.metrics.model_events.inc(len(evict), {"device": device_id, "kind": "evict"})
+            self.model_events["evict"] += len(evict)
 
     def _record_finish(self, event: ShardFinished) -> None:
         record = self.shards.get(event.shard_id)
@@ -214,7 +260,7 @@ class PlannerActor:
             self._record_dispatch(cmd)
             self.shards[cmd.shard.shard_id] = ShardRecord(
                 cmd.shard.shard_id, cmd.shard.workflow_id, cmd.shard.stage_id, cmd.device_id, cmd.shard.model,
-                cmd.shard.request_indices, time.time(), sum(cmd.shard.prompt_tokens))
+                cmd.shard.request_indices, time.time(), sum(cmd.shard.prompt_tokens), cmd.activation)
             self._spawn(self._run_shard(cmd))
         elif isinstance(cmd, LoadModel):
             self._record_model_events(cmd.device_id, cmd.activation, cmd.evict)
