@@ -183,14 +183,13 @@ def _planner_for_run(args, cluster: ClusterSpec, shared: bool, console):
 def _join_cluster(command: str) -> None:
     import os
 
-    import ray
-
+    from fate_ray.runtime.address import join_cluster
     from fate_ray.runtime.service import ServiceError
 
     if not os.environ.get("RAY_ADDRESS"):
         raise ServiceError(f"fate-ray {command} works on a running Ray cluster: set RAY_ADDRESS to its address "
                            "(e.g. 127.0.0.1:6390 for the README's head)")
-    ray.init(log_to_driver=False, logging_level="WARNING")
+    join_cluster()
 
 
 def cmd_up(args) -> int:

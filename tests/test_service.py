@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -66,8 +65,9 @@ def test_the_readmes_service_steps_run_as_written(tmp_path):
     job1, job2 = rows(work / "results/job1/rag-rerank.jsonl"), rows(work / "results/job2/mapreduce-summary.jsonl")
     assert len({(r["stage"], r["request"]) for r in job1}) == len(job1) > 0
     assert len({(r["stage"], r["request"]) for r in job2}) == len(job2) > 0
-    assert max(r["start_s"] for r in job1) > min(r["start_s"] for r in job2)
-    assert max(r["start_s"] for r in job2) > min(r["start_s"] for r in job1)
+    overlap_s = (min(max(r["end_s"] for r in job1), max(r["end_s"] for r in job2))
+                 - max(min(r["start_s"] for r in job1), min(r["start_s"] for r in job2)))
+    assert overlap_s > 0, "the two jobs did not run at the same time"
     assert {r["workflow"].split("@")[1] for r in job1} != {r["workflow"].split("@")[1] for r in job2}
     # The repeat of job 1 found every model resident.
     assert "model loads on the service while this run ran: 0 (" in log
@@ -108,16 +108,6 @@ def test_a_run_that_asks_for_another_policy_than_the_services_is_refused_in_one_
         "error: the running fate-ray service plans with policy 'fate', not 'heft': omit --policy, or `fate-ray down` "
         "and `fate-ray up --policy` to change it")
     assert "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize("command", ["up", "down", "status"])
-def test_service_commands_without_a_cluster_say_what_to_set(command):
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([str(Path(sys.executable).with_name("fate-ray")), command], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"error: fate-ray {command} works on a running Ray cluster: set RAY_ADDRESS to its "
-                                   "address (e.g. 127.0.0.1:6390 for the README's head)")
 
 
 def test_the_cli_default_time_scale_is_the_sim_engines():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import ray
 
+from fate_ray.runtime.address import join_cluster
 from fate_ray.runtime.gantt import plot_gantt
 from fate_ray.runtime.service import JobToken
 from fate_ray.schema.cluster import ClusterSpec
@@ -34,7 +36,7 @@ def connect(cluster: ClusterSpec) -> bool:
     if ray.is_initialized():
         return bool(os.environ.get("RAY_ADDRESS"))
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False, logging_level="WARNING")
+        join_cluster()
         return True
     ray.init(address="local", num_gpus=len(cluster.devices), include_dashboard=False, log_to_driver=False)
     return False
@@ -48,6 +50,31 @@ def unique_ids(workflows: Sequence[Workflow]) -> list[Workflow]:
         seen[wf.workflow_id] = seen.get(wf.workflow_id, 0) + 1
         k = seen[wf.workflow_id]
         out.append(wf if k == 1 else wf.with_arrival(f"{wf.workflow_id}-{k}", wf.arrival_s))
+    return out
+
+
+MAX_STEM_CHARS = 100
+
+
+def file_stem(name: str) -> str:
+    """A workflow name as a file name inside the output folder: letters, digits, `.`, `_`, `-` only (anything else,
+    path separators included, becomes `_`), no leading dot (so never `..`), at most MAX_STEM_CHARS characters."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")[:MAX_STEM_CHARS]
+    return stem or "workflow"
+
+
+def unique_stems(names: Sequence[str]) -> list[str]:
+    """Distinct names can sanitise to one stem (`a/b`, `a_b`): later ones get `-2`, `-3`, ..."""
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        stem, k = file_stem(name), 1
+        candidate = stem
+        while candidate in seen:
+            k += 1
+            candidate = f"{stem[: MAX_STEM_CHARS - len(str(k)) - 1]}-{k}"
+        seen.add(candidate)
+        out.append(candidate)
     return out
 
 
@@ -81,21 +108,22 @@ def run_workflows(workflows: Sequence[Workflow], cfg: RunConfig, planner, on_pro
 
 def write_results(planner, ids: dict[str, str], progress: list[dict], out_dir: Path,
                   model_events_before: dict[str, int] | None = None) -> dict:
-    """Write each workflow's requests (`<workflow>.jsonl`, named by its id in this job), `summary.json` and
+    """Write each workflow's requests (`<workflow>.jsonl`, its id in this job made a safe file name), `summary.json` and
     `gantt.png`, then release the workflows from the planner, which forgets them. `ids`: planner id -> local id;
     `model_events_before`: the planner's model event counts when the run began (the summary gives the increase:
     loads, wakes and evictions on the service while the run ran, prefetches and other jobs' included)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     all_shards = []
     activations: dict[str, dict[str, int]] = {}
-    for wid, local in ids.items():
+    files = dict(zip(ids, (f"{stem}.jsonl" for stem in unique_stems(list(ids.values())))))
+    for wid in ids:
         res = ray.get(planner.results.remote(wid))
         all_shards += res["shards"]
         counts = activations[wid] = {"load": 0, "wake": 0}
         for shard in res["shards"]:
             if shard["activation"] in counts:
                 counts[shard["activation"]] += 1
-        with open(out_dir / f"{local.replace('/', '_')}.jsonl", "w") as fh:
+        with open(out_dir / files[wid], "w") as fh:
             for shard in sorted(res["shards"], key=lambda s: s["started_s"]):
                 for pos, index in enumerate(shard["request_indices"]):
                     fh.write(json.dumps({
@@ -106,7 +134,7 @@ def write_results(planner, ids: dict[str, str], progress: list[dict], out_dir: P
                         "output": shard["outputs"][pos],
                     }) + "\n")
     for p in progress:  # what each workflow's own shards had to load or wake: 0 when it found its models resident
-        p["name"] = ids[p["workflow"]]  # its id in this run, which names its file
+        p["name"], p["file"] = ids[p["workflow"]], files[p["workflow"]]  # its id in this run; its file (sanitised)
         p["model_loads"], p["model_wakes"] = activations[p["workflow"]]["load"], activations[p["workflow"]]["wake"]
     stats = ray.get(planner.stats.remote())
     before = model_events_before or {}
@@ -121,5 +149,5 @@ def write_results(planner, ids: dict[str, str], progress: list[dict], out_dir: P
 
 def read_requests(out_dir: Path, workflow_id: str) -> list[dict]:
     """The rows `write_results` wrote for one workflow: one per request, in start order."""
-    path = out_dir / f"{workflow_id.replace('/', '_')}.jsonl"
+    path = out_dir / f"{file_stem(workflow_id)}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
+
+
+class HeadError(ValueError):
+    """The local head cannot start; the message says why in one sentence (the CLI prints it, exit 2)."""
 
 
 def head_env() -> dict[str, str]:
@@ -117,10 +122,19 @@ def _alive(pid: int) -> bool:
 
 def start_local_head(num_gpus: int, num_cpus: int = 2, gcs_port: int = 6390, dashboard_port: int = 8265,
                      metrics_port: int = 8080, temp_dir: Path | None = None, timeout_s: float = 90.0) -> LocalHead:
-    """Start a head and wait until its dashboard answers; raise RuntimeError (with the log's tail) if it does not."""
+    """Start a head and wait until its dashboard answers. Raises HeadError, one sentence, when it cannot start: Ray
+    missing, a port taken, or the head exiting or staying silent (with the log's last line)."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    if not ray_bin.exists():
+        raise HeadError(f"Ray is not installed in this environment (no {ray_bin}): run `make demo` (it installs the "
+                        "project with Ray) or `pip install 'ray[default]'`")
+    for what, port in (("GCS", gcs_port), ("dashboard", dashboard_port), ("metrics", metrics_port)):
+        if _port_in_use(port):
+            raise HeadError(f"cannot start a local Ray head: {LOOPBACK}:{port} (its {what} port) is in use, maybe "
+                            f"by another Ray head (`ray status --address {LOOPBACK}:{gcs_port}`); stop it, e.g. "
+                            "`fate-ray stop-head DIR` for a head started with --temp-dir DIR")
     temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="fray-"))  # short: Ray's socket paths have a length limit
     log_path = temp_dir / "head.log"
-    ray_bin = Path(sys.executable).with_name("ray")
     cmd = [str(ray_bin), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}",
            f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--dashboard-host={LOOPBACK}",
            f"--dashboard-port={dashboard_port}", f"--metrics-export-port={metrics_port}", f"--temp-dir={temp_dir}",
@@ -140,5 +154,12 @@ def start_local_head(num_gpus: int, num_cpus: int = 2, gcs_port: int = 6390, das
         except OSError:
             time.sleep(0.5)
     head.stop()
-    tail = log_path.read_text(errors="replace").splitlines()[-5:]
-    raise RuntimeError("the local Ray head did not come up; last log lines: " + " | ".join(tail))
+    tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
+    raise HeadError(f"the local Ray head did not come up within {timeout_s:.0f} s (log {log_path}; last line: "
+                    f"{tail[0].strip() if tail else 'none'})")
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((LOOPBACK, port)) == 0

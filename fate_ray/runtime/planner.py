@@ -42,6 +42,7 @@ from fate_ray.events import (
 from fate_ray.metrics import PlannerMetrics
 from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.policies.base import PlanTimer
+from fate_ray.policies.guard import GuardedPolicy
 from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.workload import Workflow
 
@@ -84,7 +85,8 @@ class PlannerActor:
         self.cluster = cluster
         self.engine = engine
         estimator = CostEstimator(cluster, Calibration())
-        self.timer = PlanTimer(make_policy(policy, PolicyContext(cluster, estimator, seed)))
+        # Guarded: a round that raises, stalls or returns a broken plan falls back to least_loaded (policies/guard.py).
+        self.timer = PlanTimer(GuardedPolicy(make_policy(policy, PolicyContext(cluster, estimator, seed))))
         self.controller = Controller(cluster, self.timer, estimator, queue_order=queue_order, prefetch=prefetch)
         self.policy_name = policy
         self.metrics = PlannerMetrics(name)
