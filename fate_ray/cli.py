@@ -148,8 +148,10 @@ def cmd_run(args) -> int:
 def _service_config(args):
     from fate_ray.runtime.service import ServiceConfig
 
+    state_dir = str(Path(args.state_dir).resolve()) if args.state_dir else None
     return ServiceConfig(policy=args.policy or "fate", engine=args.engine or "sim",
-                         time_scale=args.time_scale or DEFAULT_TIME_SCALE, **controller_options(args))
+                         time_scale=args.time_scale or DEFAULT_TIME_SCALE, state_dir=state_dir,
+                         **controller_options(args))
 
 
 def _planner_for_run(args, cluster: ClusterSpec, shared: bool, console):
@@ -292,6 +294,8 @@ def add_service_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=["sim"], help="sim: modelled durations (vLLM comes next)")
     p.add_argument("--time-scale", type=float,
                    help=f"SimEngine: wall seconds per modelled second (default {DEFAULT_TIME_SCALE})")
+    p.add_argument("--state-dir", metavar="DIR", help="journal the planner's state here; a planner that dies is "
+                   "restarted by Ray and replays it, losing nothing (on KubeRay: a volume)")
     add_controller_options(p)
 
 
@@ -373,10 +377,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(p, file=sys.stderr)
         return EXIT_USAGE
     except (ValueError, FileNotFoundError) as exc:  # incl. ServiceError
+        cause = getattr(exc, "cause", None)  # a RayTaskError wrapping the remote error: say that one, briefly
+        if cause is not None:
+            exc = cause
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if not type(exc).__module__.startswith("ray."):
+            raise  # our bug: keep its traceback
+        # The planner or a worker died under us (`fate-ray down`, a crash): one sentence, not Ray's stack.
+        first = (str(getattr(exc, "cause", None) or exc).strip().splitlines() or [""])[0]
+        print(f"error: the fate-ray service failed: {type(exc).__name__}: {first[:300]}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from fate_ray.events import (
     Dispatch,
     Event,
     LoadModel,
+    PlannerRestarted,
     Shard,
     ShardFailed,
     ShardFinished,
@@ -130,6 +131,10 @@ class Controller:
             self._reported(event)
         elif isinstance(event, WorkflowReleased):
             self._release_workflow(event.workflow_id)
+        elif isinstance(event, PlannerRestarted):
+            for running in list(self.running.values()):
+                self._release(running)
+                self._requeue(running.shard, running.run, count_attempt=False)
         elif isinstance(event, WorkflowCancelled):
             run = self.workflows.get(event.workflow_id)
             if run is not None and run.remaining and self._is_current(run):
@@ -140,6 +145,19 @@ class Controller:
             out += self._plan_round()
         out += self._start_shards()
         return out
+
+    # -- snapshots (the planner's journal) --------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "policy": None}  # the shell supplies a fresh policy on restore
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        # DAGs are keyed by the id of their stages mapping, and ids change across a pickle: key them again.
+        self._dags, self._dag_users = {}, {}
+        for run in self.workflows.values():
+            key = id(run.workflow.stages)
+            self._dags[key] = run.dag
+            self._dag_users[key] = self._dag_users.get(key, 0) + 1
 
     # -- events ---------------------------------------------------------------------------------------------------
     def _submit(self, workflow: Workflow) -> None:

@@ -111,8 +111,16 @@ class WorkflowCancelled:
     reason: str = "cancelled: its job stopped"
 
 
+@dataclass(frozen=True, slots=True)
+class PlannerRestarted:
+    """The planner came back from its journal: the shards it had dispatched have no caller waiting for them any
+    more, so their requests go back on the frontier (no attempt counted) and run again."""
+
+    now_s: float
+
+
 Event = (WorkflowSubmitted | ShardFinished | ShardFailed | WorkerStateReported | WorkerLost | WorkflowReleased
-         | WorkflowCancelled)
+         | WorkflowCancelled | PlannerRestarted)
 
 
 # -- commands ----------------------------------------------------------------------------------------------------

@@ -119,3 +119,26 @@ def test_service_commands_without_a_cluster_say_what_to_set(command):
     proc = run_cli(command, env=env)
     assert_one_sentence(proc, f"error: fate-ray {command} works on a running Ray cluster: set RAY_ADDRESS to its "
                               "address (e.g. 127.0.0.1:6390 for the README's head)")
+
+
+def test_stop_head_spares_other_heads_and_its_caller(tmp_path):
+    """Decoys: a process naming a sibling folder (`DIR-x`), one naming the folder deeper inside another path, and
+    the shell that runs the command (its command line names DIR): none is signalled."""
+    from fate_ray.runtime.local_head import stop_head
+
+    target = tmp_path / "fray"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    decoys = [subprocess.Popen([*sleeper, f"--temp-dir={target}-x"]),
+              subprocess.Popen([*sleeper, f"--logs-dir=/elsewhere{target}/logs"])]
+    victim = subprocess.Popen([*sleeper, f"--temp-dir={target}"])
+    try:
+        shell = subprocess.run(["bash", "-c", f"{sys.executable} -c 'from fate_ray.runtime.local_head import "
+                                f"stop_head; print(stop_head(__import__(\"pathlib\").Path(\"{target}\")))'; echo alive"],
+                               capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert shell.stdout.split() == ["1", "alive"], shell.stdout + shell.stderr
+        assert victim.wait(timeout=15) != 0
+        assert all(d.poll() is None for d in decoys)
+        assert stop_head(target) == 0
+    finally:
+        for p in [*decoys, victim]:
+            p.kill()

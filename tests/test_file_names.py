@@ -15,7 +15,7 @@ from fate_ray.runtime.driver import MAX_STEM_CHARS, file_stem, unique_stems
 def test_every_name_stays_a_plain_file_inside_the_output_folder(name, tmp_path):
     stem = file_stem(name)
     assert stem and len(stem) <= MAX_STEM_CHARS
-    assert "/" not in stem and "\\\\" not in stem and not stem.startswith(".")
+    assert "/" not in stem and "\\" not in stem and not stem.startswith(".")
     path = (tmp_path / f"{stem}.jsonl").resolve()
     assert path.parent == tmp_path.resolve()
 
@@ -30,3 +30,11 @@ def test_names_that_sanitise_alike_get_distinct_files():
     assert stems[:3] == ["a_b", "a_b-2", "a_b-3"]
     assert len(set(stems)) == 5 and all(len(s) <= MAX_STEM_CHARS for s in stems)
     assert Path(stems[4]).name == stems[4]
+
+
+def test_repeated_names_get_ids_that_collide_with_no_other_workflow():
+    from fate_ray.runtime.driver import unique_ids
+    from fate_ray.workload import Workflow
+
+    wfs = [Workflow(wid, "t", 0.0, {}, ()) for wid in ("a", "a-2", "a")]
+    assert [w.workflow_id for w in unique_ids(wfs)] == ["a", "a-2", "a-3"]

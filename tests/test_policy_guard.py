@@ -61,11 +61,12 @@ def run_to_completion(ctl: Controller, wf: Workflow) -> list[WorkflowDone]:
     return done
 
 
-@pytest.mark.parametrize(("policy", "status"), [(Raises, "FALLBACK_ERROR"), (Stalls, "FALLBACK_TIMEOUT"),
-                                                (DropsARequest, "FALLBACK_INVALID")])
-def test_a_broken_round_falls_back_and_the_workflow_completes(tiny_cluster, policy, status):
+@pytest.mark.parametrize(("policy", "status", "budget_s"), [(Raises, "FALLBACK_ERROR", 30.0),
+                                                            (Stalls, "FALLBACK_TIMEOUT", 0.2),
+                                                            (DropsARequest, "FALLBACK_INVALID", 30.0)])
+def test_a_broken_round_falls_back_and_the_workflow_completes(tiny_cluster, policy, status, budget_s):
     estimator = CostEstimator(tiny_cluster)
-    guarded = GuardedPolicy(policy(PolicyContext(tiny_cluster, estimator)), budget_s=0.2)
+    guarded = GuardedPolicy(policy(PolicyContext(tiny_cluster, estimator)), budget_s=budget_s)
     ctl = Controller(tiny_cluster, guarded, estimator)
     done = run_to_completion(ctl, chain("w"))
     assert [(d.workflow_id, d.ok) for d in done] == [("w", True)]

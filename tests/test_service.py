@@ -145,5 +145,6 @@ def test_ray_job_stop_cancels_only_that_jobs_workflows(ray_head, service, tmp_pa
     wait_for(lambda: ray.get(service.service_status.remote())["workflows"] == [], 60, "the stopped job's workflow "
              "to be cancelled and forgotten")
     status = ray.get(service.service_status.remote())
+    assert status["cancelled_workflows"] == 1  # cancelled, not merely finished
     assert all(d["queued"] == 0 for d in status["devices"])
     assert not (tmp_path / "stopped" / "summary.json").exists()

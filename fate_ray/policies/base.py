@@ -94,10 +94,14 @@ class PlanTimer:
     """Wraps a policy to time each round and keep its frontier size and solver status (clocks live in the shells,
     never in the Controller); `last` holds the latest (wall ms, frontier size, status)."""
 
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, keep_history: bool = True):
+        """`keep_history=False` (a long-lived planner): count rounds, keep no per-round list."""
         self.policy = policy
+        self.keep_history = keep_history
+        self.rounds = 0
         self.plan_ms: list[float] = []
         self.last: tuple[float, int, str] = (0.0, 0, "")
+        self.last_plan: Plan | None = None
 
     def __getattr__(self, name: str):
         return getattr(self.policy, name)
@@ -106,8 +110,11 @@ class PlanTimer:
         started = time.perf_counter()
         plan = self.policy.plan(snapshot, frontier)
         ms = (time.perf_counter() - started) * 1000
-        self.plan_ms.append(ms)
+        self.rounds += 1
+        if self.keep_history:
+            self.plan_ms.append(ms)
         self.last = (ms, len(frontier), plan.solver_status)
+        self.last_plan = plan
         return plan
 
 

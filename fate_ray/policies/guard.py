@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from fate_ray.policies.base import Plan, Policy, PolicyContext, ReadyStage
@@ -52,15 +52,18 @@ class GuardedPolicy(Policy):
         self.budget_s = budget_s
         self.fallback = LeastLoaded(inner.ctx)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="plan")
+        self._stuck: Future | None = None
 
     def plan(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> Plan:
+        if self._stuck is not None and not self._stuck.done():
+            # Never two rounds of the inner policy at once (it keeps per-round state): wait for the stuck one.
+            return self._fall_back(snapshot, frontier, "TIMEOUT", "an earlier round is still running")
+        self._stuck = None
         future = self._pool.submit(self.inner.plan, snapshot, frontier)
         try:
             plan = future.result(timeout=self.budget_s)
         except FutureTimeout:
-            # The stuck round keeps its thread; later rounds get a fresh one rather than queueing behind it.
-            self._pool.shutdown(wait=False)
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="plan")
+            self._stuck = future
             return self._fall_back(snapshot, frontier, "TIMEOUT", f"no plan within {self.budget_s:g} s")
         except Exception as exc:  # noqa: BLE001 -- any failure of a round is survived, and logged with its traceback
             logger.exception("policy %s raised while planning; this round falls back to least_loaded", self.name)

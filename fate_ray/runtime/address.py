@@ -17,7 +17,7 @@ import tempfile
 import ray
 
 CONNECT_TIMEOUT_S = 5.0
-GCS_RETRIES = 3  # ~1 s each once the port speaks gRPC: a server that is no Ray head fails within seconds
+GCS_RETRIES = 10  # ~1 s each once the port speaks gRPC: a head that does not answer fails within ~15 s
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -44,7 +44,7 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     host, port = target
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as conn:
-            if _speaks_http2(conn):
+            if os.environ.get("RAY_USE_TLS", "0") not in ("0", "") or _speaks_http2(conn):  # TLS: no plain preface
                 return
             raise ClusterUnreachable(f"RAY_ADDRESS={address} answers but is not a Ray head (no gRPC reply): check the "
                                      "port, which must be the head's --port (default 6379), not its dashboard's")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayActorError
 
 from fate_ray.runtime.address import join_cluster
 from fate_ray.runtime.gantt import plot_gantt
@@ -44,12 +45,16 @@ def connect(cluster: ClusterSpec) -> bool:
 
 def unique_ids(workflows: Sequence[Workflow]) -> list[Workflow]:
     """Give repeated submissions of one workflow distinct ids (`name`, `name-2`, ...)."""
-    seen: dict[str, int] = {}
+    taken = {wf.workflow_id for wf in workflows}
+    used: set[str] = set()
     out = []
     for wf in workflows:
-        seen[wf.workflow_id] = seen.get(wf.workflow_id, 0) + 1
-        k = seen[wf.workflow_id]
-        out.append(wf if k == 1 else wf.with_arrival(f"{wf.workflow_id}-{k}", wf.arrival_s))
+        wid, k = wf.workflow_id, 1
+        while wid in used or (k > 1 and wid in taken):  # `a-2` must not collide with a workflow named `a-2`
+            k += 1
+            wid = f"{wf.workflow_id}-{k}"
+        used.add(wid)
+        out.append(wf if wid == wf.workflow_id else wf.with_arrival(wid, wf.arrival_s))
     return out
 
 
@@ -83,21 +88,42 @@ def job_id() -> str:
     return ray.get_runtime_context().get_job_id()
 
 
+RESTART_WAIT_S = 120.0
+_RUNS: dict[str, int] = {}  # runs this process has submitted, per job
+
+
+def ask(method, *args):
+    """`ray.get(method.remote(*args))` for the planner's idempotent methods, riding out a planner restart (Ray
+    refuses calls while it restarts); the value, or True for None."""
+    deadline = time.monotonic() + RESTART_WAIT_S
+    while True:
+        try:
+            value = ray.get(method.remote(*args))
+            return True if value is None else value
+        except RayActorError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def run_workflows(workflows: Sequence[Workflow], cfg: RunConfig, planner, on_progress=None) -> dict:
     """Submit under this job's id, wait with progress, write outputs; returns the summary (also summary.json).
 
     The planner may be shared with other jobs: it cancels this job's workflows if this driver dies first.
     """
     job = job_id()
+    _RUNS[job] = _RUNS.get(job, 0) + 1  # a driver that runs twice must not reuse its first run's ids
+    tag = job if _RUNS[job] == 1 else f"{job}.{_RUNS[job]}"
     local = unique_ids(workflows)
-    named = [wf.with_arrival(f"{wf.workflow_id}@{job}", wf.arrival_s) for wf in local]
+    named = [wf.with_arrival(f"{wf.workflow_id}@{tag}", wf.arrival_s) for wf in local]
     token = JobToken.remote()
     ray.get(planner.watch_job.remote(job, token))
     before = ray.get(planner.stats.remote())["model_events"]
     ids = ray.get(planner.submit.remote(named, job))
     deadline = time.monotonic() + cfg.timeout_s
     while True:
-        mine = ray.get(planner.progress.remote(ids))
+        # Every poll renews the job's watch: a planner restarted from its journal has forgotten it.
+        mine = ask(planner.watch_job, job, token) and ask(planner.progress, ids)
         if on_progress:
             on_progress(mine)
         if all(p["state"] != "running" for p in mine) or time.monotonic() > deadline:
@@ -116,8 +142,12 @@ def write_results(planner, ids: dict[str, str], progress: list[dict], out_dir: P
     all_shards = []
     activations: dict[str, dict[str, int]] = {}
     files = dict(zip(ids, (f"{stem}.jsonl" for stem in unique_stems(list(ids.values())))))
+    lost = {p["workflow"] for p in progress if p["state"] == "lost"}
     for wid in ids:
-        res = ray.get(planner.results.remote(wid))
+        if wid in lost:  # the planner no longer knows it: nothing to fetch (summary.json says why)
+            activations[wid] = {"load": 0, "wake": 0}
+            continue
+        res = ask(planner.results, wid)
         all_shards += res["shards"]
         counts = activations[wid] = {"load": 0, "wake": 0}
         for shard in res["shards"]:
@@ -136,18 +166,19 @@ def write_results(planner, ids: dict[str, str], progress: list[dict], out_dir: P
     for p in progress:  # what each workflow's own shards had to load or wake: 0 when it found its models resident
         p["name"], p["file"] = ids[p["workflow"]], files[p["workflow"]]  # its id in this run; its file (sanitised)
         p["model_loads"], p["model_wakes"] = activations[p["workflow"]]["load"], activations[p["workflow"]]["wake"]
-    stats = ray.get(planner.stats.remote())
+    stats = ask(planner.stats)
     before = model_events_before or {}
     summary = {"workflows": progress, "stats": stats,
                "model_events_during_run": {k: v - before.get(k, 0) for k, v in stats["model_events"].items()},
                "failed": [p["workflow"] for p in progress if p["state"] != "done"]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_gantt(all_shards, out_dir / "gantt.png", f"fate-ray run: {len(ids)} workflow(s)")
-    ray.get(planner.release.remote(list(ids)))
+    ask(planner.release, list(ids))
     return summary
 
 
-def read_requests(out_dir: Path, workflow_id: str) -> list[dict]:
-    """The rows `write_results` wrote for one workflow: one per request, in start order."""
-    path = out_dir / f"{file_stem(workflow_id)}.jsonl"
+def read_requests(out_dir: Path, name: str) -> list[dict]:
+    """The rows `write_results` wrote for the workflow named `name` in that run: one per request, in start order."""
+    summary = json.loads((out_dir / "summary.json").read_text())
+    path = out_dir / next(w["file"] for w in summary["workflows"] if w["name"] == name)
     return [json.loads(line) for line in path.read_text().splitlines()]

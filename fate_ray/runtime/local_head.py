@@ -75,9 +75,12 @@ def stop_head(temp_dir: Path, grace_s: float = 10.0) -> int:
     """Stop the Ray processes started with `--temp-dir=temp_dir` (every process whose command line names that
     folder, and their descendants), leaving other Ray instances on the machine alone; returns how many processes
     were signalled. Ray's daemons ignore SIGTERM for a while, so what is still there after `grace_s` is killed."""
-    # Whole arguments only: /tmp/fray must not match another head's /tmp/fray-abc.
+    # Whole arguments only: /tmp/fray must match neither another head's /tmp/fray-abc nor /data/tmp/fray.
     exact = {f"--temp-dir={temp_dir}", f"--temp_dir={temp_dir}"}
     inside = f"{temp_dir}/"
+    prefixed = tuple(f"{flag}={inside}" for flag in ("--temp-dir", "--temp_dir", "--log_dir", "--logs-dir",
+                                                     "--session-dir", "--raylet_socket_name", "--store_socket_name",
+                                                     "--log-dir", "--session_dir"))
     parent: dict[int, int] = {}
     targets: set[int] = set()
     for proc in Path("/proc").iterdir():
@@ -86,21 +89,27 @@ def stop_head(temp_dir: Path, grace_s: float = 10.0) -> int:
         try:
             args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
             parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            mine = proc.stat().st_uid == os.getuid()
         except (OSError, ValueError, IndexError):
             continue  # gone meanwhile, or not ours to read
-        if any(a in exact or inside in a for a in args):
+        if mine and any(a in exact or a.startswith(inside) or a.startswith(prefixed) for a in args):
             targets.add(int(proc.name))
     grew = True
     while grew:  # descendants too (the dashboard agent renames itself and no longer names the folder)
         more = {pid for pid, ppid in parent.items() if ppid in targets} - targets
         targets |= more
         grew = bool(more)
-    targets.discard(os.getpid())
+    pid = os.getpid()
+    while pid > 1:  # never ourselves or a process we run under (a shell whose command line names the folder)
+        targets.discard(pid)
+        pid = parent.get(pid, 1)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in targets:
+            if sig == signal.SIGKILL and not _alive(pid):
+                continue  # gone after SIGTERM: its pid may already be someone else's
             try:
                 os.kill(pid, sig)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + grace_s
         while sig == signal.SIGTERM and time.monotonic() < deadline and any(_alive(p) for p in targets):

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 from ray.exceptions import RayActorError
@@ -30,6 +31,7 @@ from fate_ray.cost import Calibration, CostEstimator
 from fate_ray.events import (
     Dispatch,
     LoadModel,
+    PlannerRestarted,
     ShardFailed,
     ShardFinished,
     StageDone,
@@ -43,6 +45,7 @@ from fate_ray.metrics import PlannerMetrics
 from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.policies.base import PlanTimer
 from fate_ray.policies.guard import GuardedPolicy
+from fate_ray.runtime.journal import Journal, ReplayPolicy
 from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.workload import Workflow
 
@@ -81,12 +84,12 @@ class WorkflowRecord:
 class PlannerActor:
     def __init__(self, cluster: ClusterSpec, policy: str, workers: dict, seed: int = 0, time_scale: float = 1.0,
                  name: str = PLANNER_NAME, queue_order: QueueOrder = DEFAULT_QUEUE_ORDER, prefetch: bool = True,
-                 engine: str = "sim"):
+                 engine: str = "sim", state_dir: str | None = None):
         self.cluster = cluster
         self.engine = engine
+        self.seed = seed
         estimator = CostEstimator(cluster, Calibration())
-        # Guarded: a round that raises, stalls or returns a broken plan falls back to least_loaded (policies/guard.py).
-        self.timer = PlanTimer(GuardedPolicy(make_policy(policy, PolicyContext(cluster, estimator, seed))))
+        self.timer = self._make_timer(policy, estimator)
         self.controller = Controller(cluster, self.timer, estimator, queue_order=queue_order, prefetch=prefetch)
         self.policy_name = policy
         self.metrics = PlannerMetrics(name)
@@ -100,6 +103,18 @@ class PlannerActor:
         self.shards: dict[str, ShardRecord] = {}
         self.tasks: set[asyncio.Task] = set()
         self.model_events = {"load": 0, "wake": 0, "evict": 0}  # over the planner's life (prefetches included)
+        self.watched_jobs: set[str] = set()
+        self.gone_jobs: set[str] = set()  # jobs whose token died (bounded by the jobs a service ever sees)
+        self.cancelled_workflows = 0
+        self.journal = Journal(Path(state_dir)) if state_dir else None
+        self._restarted = False
+        if self.journal is not None and not self.journal.empty:
+            self._recover()
+
+    def _make_timer(self, policy: str, estimator: CostEstimator) -> PlanTimer:
+        # Guarded: a round that raises, stalls or returns a broken plan falls back to least_loaded (policies/guard.py).
+        return PlanTimer(GuardedPolicy(make_policy(policy, PolicyContext(self.cluster, estimator, self.seed))),
+                         keep_history=False)
 
     def _now_s(self) -> float:
         return (time.monotonic() - self.t0) / self.time_scale
@@ -107,19 +122,26 @@ class PlannerActor:
     # -- driver API -------------------------------------------------------------------------------------------------
     async def info(self) -> dict:
         """What the service was started with: a job attaching to it plans against this cluster and policy."""
+        await self._ensure_started()
         return {"cluster": self.cluster, "policy": self.policy_name, "engine": self.engine,
                 "time_scale": self.time_scale, "devices": len(self.workers)}
 
     async def submit(self, workflows: list[Workflow], job: str = "") -> list[str]:
-        if self._gauge_task is None:
-            self._gauge_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
+        await self._ensure_started()
         ids = []
         for wf in workflows:
             if wf.workflow_id in self.workflows:
                 raise ValueError(f"workflow id {wf.workflow_id!r} is already running on this planner")
             self.workflows[wf.workflow_id] = WorkflowRecord(time.time(), job)
-            await self._handle(WorkflowSubmitted(wf.with_arrival(wf.workflow_id, self._now_s()), self._now_s()))
+            self._journal(("workflow", wf.workflow_id, job, self.workflows[wf.workflow_id].submitted_s))
+            try:
+                await self._handle(WorkflowSubmitted(wf.with_arrival(wf.workflow_id, self._now_s()), self._now_s()))
+            except Exception:
+                self.workflows.pop(wf.workflow_id, None)  # never half-submitted: nothing would ever remove it
+                raise
             ids.append(wf.workflow_id)
+            if job in self.gone_jobs:  # the job went away while it was still submitting
+                await self._cancel_job(job)
         return ids
 
     async def wait(self, workflow_ids: list[str], timeout_s: float | None = None) -> dict[str, dict]:
@@ -144,23 +166,38 @@ class PlannerActor:
         return out
 
     async def progress(self, workflow_ids: list[str] | None = None) -> list[dict]:
+        """Each workflow's progress; one this planner does not know (a restart without a state dir lost it) is
+        reported `lost`."""
+        await self._ensure_started()
         status = await self._status()
-        ids = self.workflows if workflow_ids is None else [w for w in workflow_ids if w in self.workflows]
-        return [self._progress_of(w, status) for w in ids]
+        ids = list(self.workflows) if workflow_ids is None else workflow_ids
+        return [self._progress_of(w, status) if w in self.workflows else
+                {"workflow": w, "stages_done": 0, "stages": 0, "running_shards": 0, "state": "lost",
+                 "error": "the planner restarted without a state dir (--state-dir) and lost it"} for w in ids]
 
     async def watch_job(self, job: str, token) -> None:
-        """Cancel and forget the job's workflows once its `JobToken` dies (the job ended or was stopped)."""
-        self._spawn(self._watch_job(job, token))
+        """Cancel and forget the job's workflows once its `JobToken` dies (the job ended or was stopped). Drivers
+        call it on every poll: a restarted planner picks the watch up again; a second call changes nothing."""
+        if job not in self.watched_jobs and job not in self.gone_jobs:
+            self.watched_jobs.add(job)
+            self._spawn(self._watch_job(job, token))
 
     async def _watch_job(self, job: str, token) -> None:
         try:
             await token.hold.remote()
         except Exception:  # noqa: BLE001 -- any way the token goes means the job is gone
             pass
+        self.watched_jobs.discard(job)
+        self.gone_jobs.add(job)
+        await self._cancel_job(job)
+
+    async def _cancel_job(self, job: str) -> None:
         mine = [wid for wid, rec in self.workflows.items() if rec.job == job]
         for wid in mine:
-            if self.workflows[wid].done is None:
+            rec = self.workflows.get(wid)
+            if rec is not None and rec.done is None:
                 logger.info("job %s went away: cancelling workflow %s", job, wid)
+                self.cancelled_workflows += 1
                 await self._handle(WorkflowCancelled(wid, self._now_s()))
         await self.release(mine)  # nobody will fetch them now
 
@@ -172,7 +209,8 @@ class PlannerActor:
                    for d in status.devices]
         workflows = [{**self._progress_of(w, status), "job": rec.job} for w, rec in self.workflows.items()]
         return {"cluster": self.cluster.name, "policy": self.policy_name, "devices": devices,
-                "workflows": workflows, "model_events": dict(self.model_events)}
+                "workflows": workflows, "model_events": dict(self.model_events),
+                "cancelled_workflows": self.cancelled_workflows}
 
     async def results(self, workflow_id: str) -> dict:
         """Every request's output and the shard that produced it, per stage."""
@@ -189,9 +227,12 @@ class PlannerActor:
             if rec is None or rec.done is None:
                 continue  # still running: its results are not written yet
             await self._handle(WorkflowReleased(wid, self._now_s()))
-            del self.workflows[wid]
-            for shard_id in [k for k, s in self.shards.items() if s.workflow_id == wid and s.status != "running"]:
-                del self.shards[shard_id]
+            self._forget(wid)
+
+    def _forget(self, wid: str) -> None:
+        self.workflows.pop(wid, None)
+        for shard_id in [k for k, s in self.shards.items() if s.workflow_id == wid and s.status != "running"]:
+            del self.shards[shard_id]
 
     async def running_devices(self) -> list[str]:
         """Devices with a shard running now, earliest dispatch first."""
@@ -199,6 +240,7 @@ class PlannerActor:
         return list(dict.fromkeys(s.device_id for s in running))
 
     async def stats(self) -> dict:
+        await self._ensure_started()
         s = (await self._status()).stats
         return {"planning_rounds": s.planning_rounds, "shards_dispatched": s.shards_dispatched,
                 "duplicate_finishes": s.duplicate_finishes, "retries": s.retries, "prefetches": s.prefetches,
@@ -207,15 +249,75 @@ class PlannerActor:
     # -- the shell --------------------------------------------------------------------------------------------------
     async def _handle(self, event) -> None:
         async with self.lock:
-            rounds = len(self.timer.plan_ms)
+            rounds = self.timer.rounds
             # NOTE: in a thread so a CP-SAT round never blocks the event loop that awaits worker replies.
             commands = await asyncio.to_thread(self.controller.handle, event)
-            if len(self.timer.plan_ms) > rounds:
+            planned = self.timer.rounds > rounds
+            if planned:
                 self._record_round()
+            self._journal(("event", event, self.timer.last_plan if planned else None))
         if isinstance(event, ShardFinished):
             self._record_finish(event)
         for cmd in commands:
             self._execute(cmd)
+
+    # -- restart by replay (journal.py) -----------------------------------------------------------------------------
+    def _journal(self, record: tuple) -> None:
+        if self.journal is None:
+            return
+        self.journal.append(record)
+        if self.journal.due():
+            books = {"workflows": {w: (r.submitted_s, r.job, r.done, r.done_wall_s) for w, r in self.workflows.items()},
+                     "shards": self.shards, "model_events": self.model_events}
+            self.journal.snapshot((self.controller, books, self._now_s()))
+
+    def _recover(self) -> None:
+        """Rebuild the Controller and the bookkeeping from the snapshot and the journal (no policy is asked)."""
+        state, records = self.journal.load()
+        now_s = 0.0
+        if state is not None:
+            self.controller, books, now_s = state
+            self.timer = self._make_timer(self.policy_name, self.controller.estimator)  # calibration carries over
+            for wid, (submitted_s, job, done, done_wall_s) in books["workflows"].items():
+                self.workflows[wid] = WorkflowRecord(submitted_s, job, done, done_wall_s)
+                if done is not None:
+                    self.workflows[wid].finished.set()
+            self.shards, self.model_events = books["shards"], books["model_events"]
+        replay = ReplayPolicy(self.timer.own_prefetch)
+        self.controller.policy = replay
+        for record in records:
+            if record[0] == "workflow":
+                self.workflows[record[1]] = WorkflowRecord(record[3], record[2])
+            elif record[0] == "shard":
+                rec = self.shards.get(record[1])
+                if rec is not None:
+                    rec.status, (rec.started_s, rec.ended_s, rec.outputs, rec.output_tokens) = "done", record[2:]
+            else:
+                _, event, plan = record
+                if plan is not None:
+                    replay.plans.append(plan)
+                for cmd in self.controller.handle(event):
+                    self._execute(cmd, replaying=True)
+                now_s = max(now_s, event.now_s)
+                if isinstance(event, WorkflowReleased) and event.workflow_id in self.workflows:
+                    self._forget(event.workflow_id)
+        self.controller.policy = self.timer
+        self.t0 = time.monotonic() - now_s * self.time_scale  # the clock goes on from where it stopped
+        self._restarted = True
+        logger.warning("planner restarted from %s: %d workflows, %d journal records replayed", self.journal.dir,
+                       len(self.workflows), len(records))
+
+    async def _ensure_started(self) -> None:
+        """On the first call after (re)start: the gauge task, and after a restart the shards that were in flight
+        sent again (nobody awaits their old results any more)."""
+        if self._gauge_task is None:
+            self._gauge_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
+        if self._restarted:
+            self._restarted = False
+            for rec in self.shards.values():
+                if rec.status == "running":
+                    rec.status = "lost"
+            await self._handle(PlannerRestarted(self._now_s()))
 
     # -- metrics ----------------------------------------------------------------------------------------------------
     def _record_round(self) -> None:
@@ -257,16 +359,19 @@ class PlannerActor:
             self.metrics.frontier_size.set(self.timer.last[1], {"policy": self.policy_name})
             await asyncio.sleep(2.0)
 
-    def _execute(self, cmd) -> None:
+    def _execute(self, cmd, replaying: bool = False) -> None:
+        """Carry out a command; while replaying the journal, only the bookkeeping (the work was done before)."""
         if isinstance(cmd, Dispatch):
             self._record_dispatch(cmd)
             self.shards[cmd.shard.shard_id] = ShardRecord(
                 cmd.shard.shard_id, cmd.shard.workflow_id, cmd.shard.stage_id, cmd.device_id, cmd.shard.model,
                 cmd.shard.request_indices, time.time(), sum(cmd.shard.prompt_tokens), cmd.activation)
-            self._spawn(self._run_shard(cmd))
+            if not replaying:
+                self._spawn(self._run_shard(cmd))
         elif isinstance(cmd, LoadModel):
             self._record_model_events(cmd.device_id, cmd.activation, cmd.evict)
-            self._spawn(self._load(cmd))
+            if not replaying:
+                self._spawn(self._load(cmd))
         elif isinstance(cmd, StageDone):
             self.metrics.stage_latency_s.observe(max(0.0, cmd.now_s - cmd.ready_s), {"model": cmd.model})
         elif isinstance(cmd, WorkflowDone):
@@ -314,6 +419,8 @@ class PlannerActor:
         record.status = "done"
         record.started_s, record.ended_s = result.started_s, result.ended_s
         record.outputs, record.output_tokens = result.outputs, result.output_tokens
+        self._journal(("shard", record.shard_id, result.started_s, result.ended_s, result.outputs,
+                       result.output_tokens))
         await self._handle(ShardFinished(cmd.shard.shard_id, cmd.device_id, self._now_s(), result.output_tokens,
                                          result.outputs, result.phase_s, result.cached_tokens))
 

@@ -47,6 +47,8 @@ class ServiceConfig:
     prefetch: bool = True
     fail_stages: frozenset[str] = frozenset()  # SimEngine fault injection (tests)
     draws: Draws | None = None  # SimEngine's random draws; None = the simulator's defaults
+    # The planner's journal (runtime/journal.py): with one, Ray restarts a dead planner, which replays it.
+    state_dir: str | None = None
 
 
 def start_actors(cluster: ClusterSpec, cfg: ServiceConfig, *, detached: bool = False, name_suffix: str = ""):
@@ -68,10 +70,15 @@ def start_actors(cluster: ClusterSpec, cfg: ServiceConfig, *, detached: bool = F
         free = int(ray.available_resources().get("GPU", 0))
         raise ServiceError(f"the {len(workers)} GPU workers did not all start within {WORKER_START_TIMEOUT_S:.0f} s "
                            f"({free} of {gpus} GPUs free): another job may hold the GPUs") from None
-    planner = PlannerActor.options(name=PLANNER_NAME + name_suffix, **options).remote(
+    restarts = {"max_restarts": -1} if cfg.state_dir else {}
+    planner = PlannerActor.options(name=PLANNER_NAME + name_suffix, **options, **restarts).remote(
         cluster, cfg.policy, workers, cfg.seed, cfg.time_scale, PLANNER_NAME + name_suffix, cfg.queue_order,
-        cfg.prefetch, cfg.engine)
-    ray.get(planner.info.remote())
+        cfg.prefetch, cfg.engine, cfg.state_dir)
+    info = ray.get(planner.info.remote())
+    if detached and (info["cluster"] != cluster or info["policy"] != cfg.policy):
+        # Another job started the service at the same moment, with other settings: its actors won.
+        raise ServiceError(f"another job started the fate-ray service at the same time with cluster "
+                           f"{info['cluster'].name!r} and policy {info['policy']!r}: run again to attach to it")
     return planner, workers
 
 
