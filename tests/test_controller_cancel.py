@@ -3,9 +3,11 @@ unrecorded, and the other workflows on the same devices are untouched."""
 
 from __future__ import annotations
 
+from drive import finish_everything
+
 from fate_ray.controller import Controller
 from fate_ray.cost import CostEstimator
-from fate_ray.events import Dispatch, ShardFinished, WorkflowCancelled, WorkflowDone, WorkflowSubmitted
+from fate_ray.events import Dispatch, WorkflowCancelled, WorkflowDone, WorkflowSubmitted
 from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.workload import Stage, TextPart, Workflow
 
@@ -31,18 +33,8 @@ def test_cancelling_one_job_drops_its_queued_work_and_the_other_workflow_complet
     assert ctl.handle(WorkflowCancelled("job1/w", 1.5)) == []  # a second cancel changes nothing
 
     # job1's running shards end unrecorded; job2 runs to completion on the freed devices.
-    running = [d for d in mine + other + [c for c in out if isinstance(c, Dispatch)]]
-    done: list[WorkflowDone] = []
-    now = 2.0
-    while running:
-        d = running.pop(0)
-        for c in ctl.handle(ShardFinished(d.shard.shard_id, d.device_id, now, (7,) * len(d.shard.request_indices))):
-            if isinstance(c, Dispatch):
-                assert c.shard.workflow_id == "job2/w"
-                running.append(c)
-            elif isinstance(c, WorkflowDone):
-                done.append(c)
-        now += 1.0
+    done, dispatched = finish_everything(ctl, mine + other + [c for c in out if isinstance(c, Dispatch)], 2.0)
+    assert {d.shard.workflow_id for d in dispatched} == {"job2/w"}
     assert done == [WorkflowDone("job2/w", done[0].now_s, ok=True, arrival_s=0.0)]
     assert ctl.status().workflows["job1/w"].stages_done == 0
     ctl.validate_state()

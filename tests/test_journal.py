@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pickle
 
+from drive import finish_everything
+
 from fate_ray.controller import Controller
 from fate_ray.cost import CostEstimator
-from fate_ray.events import Dispatch, PlannerRestarted, ShardFinished, WorkflowDone, WorkflowSubmitted
+from fate_ray.events import Dispatch, PlannerRestarted, ShardFinished, WorkflowSubmitted
 from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.policies.base import PlanTimer
 from fate_ray.runtime.journal import Journal, ReplayPolicy
@@ -79,15 +81,7 @@ def test_a_restored_controller_replays_to_the_same_state_and_reruns_what_was_in_
     again = [c for c in restored.handle(PlannerRestarted(2.0)) if isinstance(c, Dispatch)]
     assert {(d.shard.workflow_id, d.shard.stage_id, i) for d in again for i in d.shard.request_indices} <= in_flight
 
-    done, todo, now = [], list(again), 3.0
-    while todo:
-        d = todo.pop(0)
-        for c in restored.handle(ShardFinished(d.shard.shard_id, d.device_id, now, (5,) * len(d.shard.request_indices))):
-            if isinstance(c, Dispatch):
-                todo.append(c)
-            elif isinstance(c, WorkflowDone):
-                done.append((c.workflow_id, c.ok))
-        now += 1.0
-    assert sorted(done) == [("w1", True), ("w2", True)]
+    done = finish_everything(restored, again, 3.0)[0]
+    assert sorted((d.workflow_id, d.ok) for d in done) == [("w1", True), ("w2", True)]
     assert restored.status().stats.duplicate_finishes == 0
     restored.validate_state()

@@ -7,10 +7,11 @@ from __future__ import annotations
 import time
 
 import pytest
+from drive import finish_everything
 
 from fate_ray.controller import Controller
 from fate_ray.cost import CostEstimator
-from fate_ray.events import Dispatch, ShardFinished, WorkflowDone, WorkflowSubmitted
+from fate_ray.events import Dispatch, WorkflowDone, WorkflowSubmitted
 from fate_ray.policies import Assignment, Plan, Policy, PolicyContext
 from fate_ray.policies.base import PlanContractError
 from fate_ray.policies.guard import GuardedPolicy
@@ -47,18 +48,8 @@ def chain(wid: str) -> Workflow:
 
 
 def run_to_completion(ctl: Controller, wf: Workflow) -> list[WorkflowDone]:
-    todo = [c for c in ctl.handle(WorkflowSubmitted(wf, 0.0)) if isinstance(c, Dispatch)]
-    done: list[WorkflowDone] = []
-    now = 1.0
-    while todo:
-        d = todo.pop(0)
-        for c in ctl.handle(ShardFinished(d.shard.shard_id, d.device_id, now, (5,) * len(d.shard.request_indices))):
-            if isinstance(c, Dispatch):
-                todo.append(c)
-            elif isinstance(c, WorkflowDone):
-                done.append(c)
-        now += 1.0
-    return done
+    return finish_everything(ctl, [c for c in ctl.handle(WorkflowSubmitted(wf, 0.0)) if isinstance(c, Dispatch)],
+                             1.0)[0]
 
 
 @pytest.mark.parametrize(("policy", "status", "budget_s"), [(Raises, "FALLBACK_ERROR", 30.0),
