@@ -97,6 +97,12 @@ def cmd_bench(args) -> int:
         chosen = args.policies.split(",") if args.policies else ["fate", "round_robin"]
         run_runtime_bench(cluster, chosen, out, console=make_console())
         return 0
+    if args.suite == "load":
+        from fate_ray.bench.load import run_load
+
+        chosen = args.policies.split(",") if args.policies else ["fate", "round_robin"]
+        run_load(cluster, chosen, out, console=make_console())
+        return 0
     if args.suite == "planner-scale":
         from fate_ray.bench.planner_scale import run_planner_scale
 
@@ -321,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("bench", help="compare policies on a benchmark suite")
-    p.add_argument("--suite", choices=["smoke", "real-dag", "prefix-reuse", "agentic", "planner-scale", "runtime"],
+    p.add_argument("--suite", choices=["smoke", "real-dag", "prefix-reuse", "agentic", "planner-scale", "runtime",
+                                       "load"],
                    required=True)
     p.add_argument("--dags", nargs="+", help="files or folders (WfFormat *.json, Alibaba *.csv, Parrot *.jsonl; "
                    "agentic: LMCache agent-trace *.jsonl)")

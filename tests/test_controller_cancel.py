@@ -3,8 +3,7 @@ unrecorded, and the other workflows on the same devices are untouched."""
 
 from __future__ import annotations
 
-from drive import finish_everything
-
+from fate_ray.bench.drive import finish_everything
 from fate_ray.controller import Controller
 from fate_ray.cost import CostEstimator
 from fate_ray.events import Dispatch, WorkflowCancelled, WorkflowDone, WorkflowSubmitted

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pickle
 
-from drive import finish_everything
-
+from fate_ray.bench.drive import finish_everything
 from fate_ray.controller import Controller
 from fate_ray.cost import CostEstimator
 from fate_ray.events import Dispatch, PlannerRestarted, ShardFinished, WorkflowSubmitted

@@ -38,14 +38,17 @@ def run_runtime_bench(cluster: ClusterSpec, policies: list[str], out_dir: Path, 
         started = time.perf_counter()
         summary = run_workflows(workflows, cfg, planner)
         wall_s = time.perf_counter() - started
-        shards = {row["shard"]: row for wf in summary["workflows"]
-                  for row in read_requests(cfg.out_dir, wf["name"])}.values()
+        rows = [row for wf in summary["workflows"] for row in read_requests(cfg.out_dir, wf["name"])]
+        shards = {row["shard"]: row for row in rows}.values()
+        keys = [(row["workflow"], row["stage"], row["request"]) for row in rows]
+        expected = sum(st.num_requests for wf in workflows for st in wf.stages.values())
         overhead_ms = [(s["start_s"] - s["dispatched_s"]) * 1000 for s in shards]
         span_s = max(s["end_s"] for s in shards) - min(s["dispatched_s"] for s in shards)
         row = {"workflows": len(workflows), "shards": len(shards), "failed": len(summary["failed"]),
                "dispatch_overhead_ms_p50": percentile(overhead_ms, 50),
                "dispatch_overhead_ms_p95": percentile(overhead_ms, 95),
-               "shards_per_s": len(shards) / span_s if span_s > 0 else 0.0, "wall_s": wall_s}
+               "shards_per_s": len(shards) / span_s if span_s > 0 else 0.0, "wall_s": wall_s,
+               "lost": expected - len(set(keys)), "duplicated": len(keys) - len(set(keys))}
         results["policies"][policy] = row
         console.print(f"{policy}: {row['shards']} shards of {row['workflows']} workflows on {len(workers)} workers: "
                       f"dispatch overhead p50 {row['dispatch_overhead_ms_p50']:.2f} ms, "

@@ -1,4 +1,5 @@
-"""Driving a pure Controller by hand: finish every dispatched shard, one per second, until nothing runs."""
+"""Driving a pure Controller without engines: finish every dispatched shard, one per second, until nothing runs
+(the load bench and the Controller tests)."""
 
 from __future__ import annotations
 
