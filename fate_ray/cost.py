@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -93,6 +94,9 @@ def cached_tokens_in_batch(cache: PrefixCache | None, requests: Sequence[Request
     return hit_blocks * block_tokens
 
 
+MAX_OBSERVATIONS = 200_000
+
+
 class Calibration:
     """Per (model, device type, phase) a bounded-step median tracker of measured / estimated, in log space; 1.0
     until something was measured."""
@@ -101,8 +105,9 @@ class Calibration:
         self.step = step
         self.enabled = enabled
         self._factor: dict[tuple[str, str, str], float] = {}
-        self._log_errors: list[float] = []  # of the estimates used (calibrated when enabled)
-        self._raw_log_errors: list[float] = []  # of the formula alone
+        # Bounded (a long-lived planner observes forever); far above one benchmark run's observations.
+        self._log_errors: deque[float] = deque(maxlen=MAX_OBSERVATIONS)  # of the estimates used (calibrated)
+        self._raw_log_errors: deque[float] = deque(maxlen=MAX_OBSERVATIONS)  # of the formula alone
 
     def factor(self, model: str, device_type: str, phase: str) -> float:
         return self._factor.get((model, device_type, phase), 1.0) if self.enabled else 1.0

@@ -22,6 +22,9 @@ class DagInfo:
     children: Mapping[str, tuple[str, ...]]
     prompt_tokens: Mapping[str, list[int]]  # per request, parents' outputs at their expected length
     ranks_s: Mapping[str, float]  # upward rank: estimated longest path from the stage to a sink
+    # Planners' memo of per-stage estimates (FATE's stateless service time per device type): it lives and dies with
+    # the DAG, so a long-lived planner's memo never outgrows the DAGs it still holds.
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def upward_ranks(children: Mapping[str, Sequence[str]], cost_s: Callable[[str], float]) -> dict[str, float]:

@@ -9,8 +9,9 @@ Three parts, each policy in turn:
   duplicated outputs counted from the written records;
 - memory: a planner (Controller + policy, as the planner actor holds them) taking `memory_workflows` workflows in
   batches, every shard finished at once (`drive.finish_everything`) and every finished workflow released as
-  drivers do; traced Python memory after 10% of them and after all. It must stay flat (within 10%), not grow with
-  history.
+  drivers do; traced Python memory after 10% of them and after all, in total and without what `state.py`
+  allocates (the belief's prefix caches: LRU sets that fill up to the engines' KV capacity, bounded by design, and
+  reported as blocks held / capacity). The rest must stay flat (within 10%), not grow with history.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def memory_load(cluster: ClusterSpec, policy: str, n: int) -> dict:
     timer = PlanTimer(make_policy(policy, PolicyContext(cluster, estimator)), keep_history=False)
     ctl = Controller(cluster, timer, estimator)
     base = examples(cluster, len(list(examples_dir().glob("*.yaml"))))
-    marks = {max(BATCH, n // 10): 0.0, n: 0.0}
+    marks: dict[int, tuple[float, float]] = {max(BATCH, n // 10): (0.0, 0.0), n: (0.0, 0.0)}
     tracemalloc.start()
     now_s, done_total = 0.0, 0
     try:
@@ -78,12 +79,20 @@ def memory_load(cluster: ClusterSpec, policy: str, n: int) -> dict:
             done_total += len(done)
             if done_total in marks:
                 gc.collect()
-                marks[done_total] = tracemalloc.get_traced_memory()[0] / 2**20
+                stats = tracemalloc.take_snapshot().statistics("filename")
+                total = sum(s.size for s in stats) / 2**20
+                caches = sum(s.size for s in stats if s.traceback[0].filename.endswith("fate_ray/state.py")) / 2**20
+                marks[done_total] = (total, total - caches)
     finally:
         tracemalloc.stop()
-    first, last = marks.values()
+    (first, first_rest), (last, last_rest) = marks.values()
+    caches = [c for dev in ctl.devices.values() for c in dev.state.caches.values()]
     return {"workflows": n, "memory_mib_at_10pct": first, "memory_mib_at_end": last,
-            "growth": last / first - 1 if first else math.nan, "kept_workflows": len(ctl.workflows)}
+            "memory_mib_without_caches_at_10pct": first_rest, "memory_mib_without_caches_at_end": last_rest,
+            "growth_without_caches": last_rest / first_rest - 1 if first_rest else math.nan,
+            "prefix_blocks_held": sum(len(c) for c in caches),
+            "prefix_blocks_capacity": sum(c.capacity_blocks for c in caches),
+            "kept_workflows": len(ctl.workflows)}
 
 
 def ray_load(cluster: ClusterSpec, policy: str, n: int, out_dir: Path) -> dict:
@@ -112,9 +121,12 @@ def run_load(cluster: ClusterSpec, policies: list[str], out_dir: Path, console: 
                           f"{r['shards_per_s']:.0f} shards/s, lost {r['lost']}, duplicated {r['duplicated']}")
         row["memory"] = memory_load(cluster, policy, memory_workflows)
         m = row["memory"]
-        console.print(f"{policy} memory: {m['memory_mib_at_10pct']:.1f} MiB after {m['workflows'] // 10:,} workflows, "
-                      f"{m['memory_mib_at_end']:.1f} MiB after {m['workflows']:,} ({m['growth']:+.1%}); "
-                      f"{m['kept_workflows']} kept")
+        console.print(f"{policy} memory after {m['workflows'] // 10:,} / {m['workflows']:,} workflows: "
+                      f"{m['memory_mib_at_10pct']:.1f} / {m['memory_mib_at_end']:.1f} MiB; without the prefix-cache "
+                      f"belief {m['memory_mib_without_caches_at_10pct']:.1f} / "
+                      f"{m['memory_mib_without_caches_at_end']:.1f} MiB ({m['growth_without_caches']:+.1%}); "
+                      f"prefix blocks held {m['prefix_blocks_held']:,} of {m['prefix_blocks_capacity']:,}; "
+                      f"{m['kept_workflows']} workflows kept")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

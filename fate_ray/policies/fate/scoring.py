@@ -81,16 +81,12 @@ class _Horizon:
     shared_tokens: int  # leading prompt tokens it shares with s
 
 
-SERVICE_MEMO_MAX = 100_000  # entries (stage x device type); far above one benchmark run's
-
-
 class Scorer:
     def __init__(self, config: FateConfig, cluster: ClusterSpec, estimator: CostEstimator):
         self.cfg = config
         self.cluster = cluster
         self.estimator = estimator
-        self._service_memo: dict[tuple, float] = {}
-        self._memo_dags: dict[int, DagInfo] = {}  # pins each DAG keyed by id() in the memo, so no id is reused
+
 
     def score(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> dict[StageKey, list[Candidate]]:
         """Top-k candidates per stage, best first."""
@@ -98,9 +94,6 @@ class Scorer:
         self._stage_memo: dict[tuple, tuple[float, float, float, float]] = {}
         self._activation_memo: dict[tuple[str, str, Residency], float] = {}
         self._options_memo: dict[tuple[int, str], list[tuple[DeviceSnapshot, float, float, float]]] = {}
-        if len(self._service_memo) > SERVICE_MEMO_MAX:  # a long-lived planner: do not grow with history
-            self._service_memo.clear()
-            self._memo_dags.clear()
         live = [d for d in snapshot.devices if d.alive]
         horizons = {s.key: self._horizon(s) for s in frontier}
         # NOTE: sorted, not a set: float sums over it (reach) must not depend on the process's string hash seed.
@@ -224,14 +217,14 @@ class Scorer:
         return out[: self.cfg.horizon_max_stages]
 
     def _child_service_s(self, dag: DagInfo, h: _Horizon, device_type: str) -> float:
-        key = (id(dag), h.stage_id, device_type)
-        value = self._service_memo.get(key)
+        """Stateless service time of a horizon stage on a device type, memoised on its DAG."""
+        key = ("fate.child_service_s", h.stage_id, device_type)
+        value = dag.memo.get(key)
         if value is None:
             st = dag.stages[h.stage_id]
             reqs = [RequestShape(t, (), st.expected_output_tokens) for t in dag.prompt_tokens[h.stage_id]]
             cost = self.estimator.shard_cost(st.model, device_type, reqs, None)
-            value = self._service_memo[key] = cost.prefill_s + cost.decode_s
-            self._memo_dags[id(dag)] = dag
+            value = dag.memo[key] = cost.prefill_s + cost.decode_s
         return value
 
     def _options(self, dag: DagInfo, h: _Horizon, live) -> list[tuple[DeviceSnapshot, float, float, float]]:
