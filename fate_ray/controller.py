@@ -132,9 +132,7 @@ class Controller:
         elif isinstance(event, WorkflowReleased):
             self._release_workflow(event.workflow_id)
         elif isinstance(event, PlannerRestarted):
-            for running in list(self.running.values()):
-                self._release(running)
-                self._requeue(running.shard, running.run, count_attempt=False)
+            self._rerun(list(self.running.values()), count_attempt=False)
         elif isinstance(event, WorkflowCancelled):
             run = self.workflows.get(event.workflow_id)
             if run is not None and run.remaining and self._is_current(run):
@@ -249,13 +247,17 @@ class Controller:
     def _lost(self, device_id: str) -> None:
         dev = self.devices[device_id]
         dev.alive = False
-        for running in list(dev.running.values()):
-            self._release(running)
-            self._requeue(running.shard, running.run)
+        self._rerun(list(dev.running.values()), count_attempt=True)
         for queued in dev.queue:  # queued shards always belong to their id's current run
             self._requeue(queued.shard, self.workflows[queued.shard.workflow_id], count_attempt=False)
         dev.queue.clear()
         dev.state = DeviceState.empty(self.cluster, dev.state.device)
+
+    def _rerun(self, shards: list[_Running], count_attempt: bool) -> None:
+        """Take running shards off their devices and put their requests back on the frontier."""
+        for running in shards:
+            self._release(running)
+            self._requeue(running.shard, running.run, count_attempt)
 
     def _release(self, running: _Running) -> None:
         self.running.pop(running.shard.shard_id, None)

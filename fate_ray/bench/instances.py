@@ -77,15 +77,20 @@ def examples_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "workflows"
 
 
-def smoke_instances(cluster: ClusterSpec, files: Sequence[Path] | None = None,
-                    workflows_per_instance: int = WORKFLOWS_PER_INSTANCE) -> list[Instance]:
+def example_workflows(cluster: ClusterSpec, files: Sequence[Path] | None = None) -> list[Workflow]:
+    """The shipped example workflows (or `files`), validated against `cluster`, in file-name order."""
     from fate_ray.schema.workflow import load_workflow
 
     files = files or sorted(examples_dir().glob("*.yaml"))
     if not files:
         raise InputError([Problem(str(examples_dir()), 1, "no example workflows found; pass --dags or run from a "
                                  "source checkout")])
-    wfs = repeated([load_workflow(f, cluster)[1] for f in files], workflows_per_instance)
+    return [load_workflow(f, cluster)[1] for f in files]
+
+
+def smoke_instances(cluster: ClusterSpec, files: Sequence[Path] | None = None,
+                    workflows_per_instance: int = WORKFLOWS_PER_INSTANCE) -> list[Instance]:
+    wfs = repeated(example_workflows(cluster, files), workflows_per_instance)
     return [Instance("examples-mixed", wfs), Instance("examples-batch", wfs, arrival="all_at_once")]
 
 

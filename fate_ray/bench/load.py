@@ -25,14 +25,13 @@ from pathlib import Path
 from rich.console import Console
 
 from fate_ray.bench.drive import finish_everything
-from fate_ray.bench.instances import examples_dir
+from fate_ray.bench.instances import example_workflows
 from fate_ray.controller import Controller
 from fate_ray.cost import Calibration, CostEstimator
 from fate_ray.events import Dispatch, WorkflowReleased, WorkflowSubmitted
 from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.policies.base import PlanTimer
 from fate_ray.schema.cluster import ClusterSpec
-from fate_ray.schema.workflow import load_workflow
 from fate_ray.sim.simulator import SimConfig, percentile, simulate
 from fate_ray.workload import Workflow
 
@@ -40,7 +39,8 @@ BATCH = 50
 
 
 def examples(cluster: ClusterSpec, n: int) -> list[Workflow]:
-    base = [load_workflow(f, cluster)[1] for f in sorted(examples_dir().glob("*.yaml"))]
+    """`n` example workflows, cycling through the shipped ones, each with its own id."""
+    base = example_workflows(cluster)
     return [base[i % len(base)].with_arrival(f"{base[i % len(base)].workflow_id}-{i}", 0.0) for i in range(n)]
 
 
@@ -62,7 +62,7 @@ def memory_load(cluster: ClusterSpec, policy: str, n: int) -> dict:
     estimator = CostEstimator(cluster, Calibration())
     timer = PlanTimer(make_policy(policy, PolicyContext(cluster, estimator)), keep_history=False)
     ctl = Controller(cluster, timer, estimator)
-    base = examples(cluster, len(list(examples_dir().glob("*.yaml"))))
+    base = example_workflows(cluster)
     marks: dict[int, tuple[float, float]] = {max(BATCH, n // 10): (0.0, 0.0), n: (0.0, 0.0)}
     tracemalloc.start()
     now_s, done_total = 0.0, 0
@@ -98,7 +98,7 @@ def memory_load(cluster: ClusterSpec, policy: str, n: int) -> dict:
 def ray_load(cluster: ClusterSpec, policy: str, n: int, out_dir: Path) -> dict:
     from fate_ray.bench.runtime_bench import run_runtime_bench
 
-    copies = math.ceil(n / len(list(examples_dir().glob("*.yaml"))))
+    copies = math.ceil(n / len(example_workflows(cluster)))
     row = run_runtime_bench(cluster, [policy], out_dir, copies=copies, console=Console(quiet=True))["policies"][policy]
     return {k: row[k] for k in ("workflows", "shards", "failed", "dispatch_overhead_ms_p50",
                                 "dispatch_overhead_ms_p95", "shards_per_s", "lost", "duplicated")}

@@ -14,11 +14,10 @@ from pathlib import Path
 import ray
 from rich.console import Console
 
-from fate_ray.bench.instances import examples_dir
+from fate_ray.bench.instances import example_workflows
 from fate_ray.runtime.driver import RunConfig, connect, read_requests, run_workflows
 from fate_ray.runtime.service import ServiceConfig, start_actors
 from fate_ray.schema.cluster import ClusterSpec
-from fate_ray.schema.workflow import load_workflow
 from fate_ray.sim.simulator import percentile
 
 TIME_SCALE = 1e-4  # 10,000 modelled seconds per wall second: engine time almost vanishes
@@ -28,13 +27,12 @@ def run_runtime_bench(cluster: ClusterSpec, policies: list[str], out_dir: Path, 
                       console: Console | None = None) -> dict:
     console = console or Console()
     connect(cluster)
-    files = sorted(examples_dir().glob("*.yaml"))
     results: dict = {"suite": "runtime", "devices": len(cluster.devices), "time_scale": TIME_SCALE, "policies": {}}
     for k, policy in enumerate(policies):
         cfg = RunConfig(out_dir=out_dir / policy)
         planner, workers = start_actors(cluster, ServiceConfig(policy=policy, time_scale=TIME_SCALE),
                                         name_suffix=f"-bench{k}")
-        workflows = [load_workflow(f, cluster)[1] for f in files] * copies
+        workflows = example_workflows(cluster) * copies
         started = time.perf_counter()
         summary = run_workflows(workflows, cfg, planner)
         wall_s = time.perf_counter() - started

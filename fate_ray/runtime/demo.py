@@ -19,7 +19,7 @@ from fate_ray.runtime.local_head import start_local_head
 from fate_ray.schema.cluster import ClusterSpec
 
 JOBS = {"job-a": ("rag_rerank", "mapreduce_summary"), "job-b": ("multiturn_chain",)}
-REPEAT = "job-a"
+REPEAT = "job-a"  # submitted again once both are done, as "job-a-again"
 
 
 def run_demo(cluster: ClusterSpec, cluster_path: Path, root: Path, out: Path, policy: str, console: Console) -> int:
@@ -34,22 +34,21 @@ def run_demo(cluster: ClusterSpec, cluster_path: Path, root: Path, out: Path, po
             console.print(f"[red]fate-ray up failed[/]: {up.stderr[-2000:]}")
             return 1
 
-        def submit(job: str) -> subprocess.CompletedProcess:
-            files = [f"workflows/{name}.yaml" for name in JOBS[REPEAT if job == "job-a-again" else job]]
-            return submit_run(head, root, [*files, "--out", str(out / job)])
+        def submit(job: str, names: tuple[str, ...]) -> subprocess.CompletedProcess:
+            return submit_run(head, root, [*(f"workflows/{n}.yaml" for n in names), "--out", str(out / job)])
 
         console.print(f"two jobs at once: job-a ({', '.join(JOBS['job-a'])}) and job-b ({', '.join(JOBS['job-b'])})")
         with ThreadPoolExecutor(2) as pool:
-            procs = dict(zip(JOBS, pool.map(submit, JOBS)))
-        console.print(f"then job-a again ({', '.join(JOBS[REPEAT])})")
-        procs["job-a-again"] = submit("job-a-again")
+            procs = dict(zip(JOBS, pool.map(submit, JOBS, JOBS.values())))
+        console.print(f"then {REPEAT} again ({', '.join(JOBS[REPEAT])})")
+        procs[f"{REPEAT}-again"] = submit(f"{REPEAT}-again", JOBS[REPEAT])
         for job, proc in procs.items():
             if proc.returncode != 0:
                 console.print(f"[red]{job} failed[/] (exit {proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
                 return 1
             _show_job(console, job, json.loads((out / job / "summary.json").read_text()))
         first = json.loads((out / REPEAT / "summary.json").read_text())["model_events_during_run"]["load"]
-        again = json.loads((out / "job-a-again" / "summary.json").read_text())["model_events_during_run"]["load"]
+        again = json.loads((out / f"{REPEAT}-again" / "summary.json").read_text())["model_events_during_run"]["load"]
         verdict = "found its models resident" if again == 0 else "had to load models again"
         console.print(f"[bold]job-a again {verdict}[/]: {again} model load(s) on the service while it ran, against "
                       f"{first} while job-a and job-b first ran")

@@ -45,16 +45,23 @@ def connect(cluster: ClusterSpec) -> bool:
 
 def unique_ids(workflows: Sequence[Workflow]) -> list[Workflow]:
     """Give repeated submissions of one workflow distinct ids (`name`, `name-2`, ...)."""
-    taken = {wf.workflow_id for wf in workflows}
+    ids = distinct([wf.workflow_id for wf in workflows])
+    return [wf if wid == wf.workflow_id else wf.with_arrival(wid, wf.arrival_s) for wf, wid in zip(workflows, ids)]
+
+
+def distinct(names: Sequence[str], max_chars: int | None = None) -> list[str]:
+    """The names, a repeat given `-2`, `-3`, ... (never colliding with another name given; cut to `max_chars`)."""
+    taken = set(names)
     used: set[str] = set()
     out = []
-    for wf in workflows:
-        wid, k = wf.workflow_id, 1
-        while wid in used or (k > 1 and wid in taken):  # `a-2` must not collide with a workflow named `a-2`
+    for name in names:
+        candidate, k = name, 1
+        while candidate in used or (k > 1 and candidate in taken):  # `a`'s repeat must not become a given `a-2`
             k += 1
-            wid = f"{wf.workflow_id}-{k}"
-        used.add(wid)
-        out.append(wf if wid == wf.workflow_id else wf.with_arrival(wid, wf.arrival_s))
+            suffix = f"-{k}"
+            candidate = (name if max_chars is None else name[: max_chars - len(suffix)]) + suffix
+        used.add(candidate)
+        out.append(candidate)
     return out
 
 
@@ -70,17 +77,7 @@ def file_stem(name: str) -> str:
 
 def unique_stems(names: Sequence[str]) -> list[str]:
     """Distinct names can sanitise to one stem (`a/b`, `a_b`): later ones get `-2`, `-3`, ..."""
-    seen: set[str] = set()
-    out = []
-    for name in names:
-        stem, k = file_stem(name), 1
-        candidate = stem
-        while candidate in seen:
-            k += 1
-            candidate = f"{stem[: MAX_STEM_CHARS - len(str(k)) - 1]}-{k}"
-        seen.add(candidate)
-        out.append(candidate)
-    return out
+    return distinct([file_stem(name) for name in names], MAX_STEM_CHARS)
 
 
 def job_id() -> str:
@@ -94,12 +91,11 @@ _RUNS: dict[str, int] = {}  # runs this process has submitted, per job
 
 def ask(method, *args):
     """`ray.get(method.remote(*args))` for the planner's idempotent methods, riding out a planner restart (Ray
-    refuses calls while it restarts); the value, or True for None."""
+    refuses calls while it restarts)."""
     deadline = time.monotonic() + RESTART_WAIT_S
     while True:
         try:
-            value = ray.get(method.remote(*args))
-            return True if value is None else value
+            return ray.get(method.remote(*args))
         except RayActorError:
             if time.monotonic() > deadline:
                 raise
@@ -123,7 +119,8 @@ def run_workflows(workflows: Sequence[Workflow], cfg: RunConfig, planner, on_pro
     deadline = time.monotonic() + cfg.timeout_s
     while True:
         # Every poll renews the job's watch: a planner restarted from its journal has forgotten it.
-        mine = ask(planner.watch_job, job, token) and ask(planner.progress, ids)
+        ask(planner.watch_job, job, token)
+        mine = ask(planner.progress, ids)
         if on_progress:
             on_progress(mine)
         if all(p["state"] != "running" for p in mine) or time.monotonic() > deadline:
