@@ -17,6 +17,7 @@ from fate_ray.schema.cluster import ClusterSpec, default_cluster_path, load_clus
 from fate_ray.schema.errors import InputError, Problem
 
 EXIT_USAGE = 2
+LOCAL_CPU_CLUSTER_FILE = "local-cpu.yaml"  # real vLLM engines on this machine's CPU, tiny local models
 DEFAULT_TIME_SCALE = 0.01  # = fate_ray.engines.sim_engine.DEFAULT_TIME_SCALE (not imported: keeps startup light)
 WORKFLOWS_PER_INSTANCE = 50  # = fate_ray.bench.instances.WORKFLOWS_PER_INSTANCE (not imported: keeps startup light)
 # = fate_ray.controller.QUEUE_ORDERS, default first (DEFAULT_QUEUE_ORDER); not imported, as above (a test checks)
@@ -85,6 +86,15 @@ def cmd_bench(args) -> int:
     from fate_ray.bench import run_suite
     from fate_ray.policies import BASELINES, check_policy_names
 
+    if args.suite == "vllm":  # real engines: the tiny local models' cluster unless told otherwise
+        from fate_ray.bench.vllm_bench import run_vllm_bench
+        from fate_ray.schema.cluster import shipped_cluster_path
+
+        chosen = args.policies.split(",") if args.policies else ["round_robin", "fate", "prefix_affinity"]
+        check_policy_names(chosen)
+        cluster = _cluster(args.cluster or str(shipped_cluster_path(LOCAL_CPU_CLUSTER_FILE)))
+        run_vllm_bench(cluster, chosen, Path(args.out or "results/vllm"), console=make_console())
+        return 0
     cluster = _cluster(args.cluster)
     policies = args.policies.split(",") if args.policies else ["fate", *BASELINES]
     check_policy_names(policies)
@@ -117,18 +127,18 @@ def cmd_bench(args) -> int:
 
 def cmd_run(args) -> int:
     from fate_ray.policies import check_policy_names
-    from fate_ray.schema.workflow import load_workflow
 
     cluster = _cluster(args.cluster)
     check_policy_names([args.policy or "fate"])
-    workflows = [load_workflow(f, cluster)[1] for f in args.files]  # validate everything before touching Ray
+    engine = args.engine or "sim"
+    workflows = _load_workflows(args.files, cluster, engine)  # validate everything before touching Ray
     from fate_ray.runtime.driver import RunConfig, connect, run_workflows
 
     console = make_console()
     shared = connect(cluster)
-    planner, service_cluster = _planner_for_run(args, cluster, shared, console)
-    if service_cluster != cluster:  # attached to a service planning another catalog: validate against it
-        workflows = [load_workflow(f, service_cluster)[1] for f in args.files]
+    planner, service_cluster, service_engine = _planner_for_run(args, cluster, shared, console)
+    if (service_cluster, service_engine) != (cluster, engine):  # attached to a service that plans otherwise
+        workflows = _load_workflows(args.files, service_cluster, service_engine)
     last: dict[str, str] = {}
 
     def show(progress):
@@ -151,6 +161,21 @@ def cmd_run(args) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _load_workflows(files, cluster: ClusterSpec, engine: str) -> list:
+    """Validate and compile; for real engines with each model's own tokenizer, after checking its files exist."""
+    from fate_ray.schema.workflow import load_workflow
+
+
+    if engine != "vllm":
+        return [load_workflow(f, cluster)[1] for f in files]
+    from fate_ray.engines.tokens import TokenCounter, check_model_files
+
+    workflows = [load_workflow(f, cluster)[1] for f in files]
+    check_model_files(cluster, sorted(set().union(*(w.models for w in workflows))))
+    counter = TokenCounter(cluster)
+    return [load_workflow(f, cluster, counter)[1] for f in files]
+
+
 def _service_config(args):
     from fate_ray.runtime.service import ServiceConfig
 
@@ -169,13 +194,13 @@ def _planner_for_run(args, cluster: ClusterSpec, shared: bool, console):
 
     cfg = _service_config(args)
     if not shared:
-        return start_actors(cluster, cfg)[0], cluster
+        return start_actors(cluster, cfg)[0], cluster, cfg.engine
     planner = find_planner()
     if planner is None:
         planner, workers = start_actors(cluster, cfg, detached=True)
         console.print(f"no fate-ray service on this cluster: started one (cluster {cluster.name!r}, policy "
                       f"{cfg.policy}, {len(workers)} workers); it keeps running after this job, `fate-ray down` stops it")
-        return planner, cluster
+        return planner, cluster, cfg.engine
     info = ray.get(planner.info.remote())
     if args.cluster and info["cluster"] != cluster:
         raise ServiceError(f"the running fate-ray service plans cluster {info['cluster'].name!r}, not {args.cluster}: "
@@ -183,9 +208,12 @@ def _planner_for_run(args, cluster: ClusterSpec, shared: bool, console):
     if args.policy and info["policy"] != args.policy:
         raise ServiceError(f"the running fate-ray service plans with policy {info['policy']!r}, not {args.policy!r}: "
                            "omit --policy, or `fate-ray down` and `fate-ray up --policy` to change it")
+    if args.engine and info["engine"] != args.engine:
+        raise ServiceError(f"the running fate-ray service runs engine {info['engine']!r}, not {args.engine!r}: "
+                           "omit --engine, or `fate-ray down` and `fate-ray up --engine` to change it")
     console.print(f"attached to the fate-ray service (cluster {info['cluster'].name!r}, policy {info['policy']}, "
                   f"{info['devices']} workers)")
-    return planner, info["cluster"]
+    return planner, info["cluster"], info["engine"]
 
 
 def _join_cluster(command: str) -> None:
@@ -274,10 +302,12 @@ def cmd_stop_head(args) -> int:
 def cmd_demo(args) -> int:
     """The main job: the README's service steps on a local head (fate_ray/runtime/demo.py)."""
     from fate_ray.runtime.demo import run_demo
+    from fate_ray.schema.cluster import shipped_cluster_path
 
-    cluster_path = default_cluster_path()
+    cluster_path = Path(args.cluster) if args.cluster else (
+        default_cluster_path() if args.engine == "sim" else shipped_cluster_path(LOCAL_CPU_CLUSTER_FILE))
     return run_demo(_cluster(str(cluster_path)), cluster_path, Path(__file__).resolve().parents[1],
-                    Path(args.out).resolve(), args.policy, make_console())
+                    Path(args.out).resolve(), args.policy, make_console(), args.engine)
 
 
 def controller_options(args) -> dict:
@@ -297,7 +327,9 @@ def add_service_options(p: argparse.ArgumentParser) -> None:
     """What the planner service is started with; a run attaching to a running service must not ask otherwise."""
     p.add_argument("--cluster", help="cluster YAML (default: the mixed H100/L4 cluster, or the running service's)")
     p.add_argument("--policy", help="planning policy (default: fate, or the running service's)")
-    p.add_argument("--engine", choices=["sim"], help="sim: modelled durations (vLLM comes next)")
+    p.add_argument("--engine", choices=["sim", "vllm"],
+                   help="sim: modelled durations (default); vllm: real inference, one vLLM engine per resident model "
+                   "(needs the cpu or gpu extra and the cluster file's model paths, e.g. workflows/clusters/local-cpu.yaml)")
     p.add_argument("--time-scale", type=float,
                    help=f"SimEngine: wall seconds per modelled second (default {DEFAULT_TIME_SCALE})")
     p.add_argument("--state-dir", metavar="DIR", help="journal the planner's state here; a planner that dies is "
@@ -328,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="compare policies on a benchmark suite")
     p.add_argument("--suite", choices=["smoke", "real-dag", "prefix-reuse", "agentic", "planner-scale", "runtime",
-                                       "load"],
+                                       "load", "vllm"],
                    required=True)
     p.add_argument("--dags", nargs="+", help="files or folders (WfFormat *.json, Alibaba *.csv, Parrot *.jsonl; "
                    "agentic: LMCache agent-trace *.jsonl)")
@@ -370,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: a local Ray head, the planner service, concurrent and repeated "
                        "`ray job submit`s of example workflows")
     p.add_argument("--policy", default="fate")
+    p.add_argument("--engine", choices=["vllm", "sim"], default="vllm",
+                   help="vllm (default): real vLLM engines on the tiny local models (`make tiny-models`); sim: "
+                   "simulated engines on the default cluster")
+    p.add_argument("--cluster", help=f"cluster YAML (default: {LOCAL_CPU_CLUSTER_FILE} for vllm, the default cluster "
+                   "for sim)")
     p.add_argument("--out", default="results/demo")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -193,7 +193,8 @@ class Controller:
         node = dev.state.device.node
         for pos, index in enumerate(shard.request_indices):
             text = ev.outputs[pos] if pos < len(ev.outputs) else ""
-            if run.record(shard.stage_id, index, ev.output_tokens[pos], text, ev.device_id, node):
+            ids = ev.output_token_ids[pos] if pos < len(ev.output_token_ids) else ()
+            if run.record(shard.stage_id, index, ev.output_tokens[pos], text, ev.device_id, node, ids):
                 dev.state.insert_blocks(shard.model, run.full_hashes(shard.stage_id, index))
         self._observe(shard, dev, ev)
         return self._maybe_complete(run, shard.stage_id)
@@ -464,12 +465,13 @@ class Controller:
         est = self.estimator.shard_cost(shard.model, dev.state.device.type, shard.request_shapes(), dev.state,
                                         other_shards=others, other_requests=other_requests)
         dev.state.activate(shard.model, self.now_s, act.evict)
+        predicted = dev.state.shard_cached_tokens(shard.model, shard.block_hashes)
         dev.state.shard_started(shard.model)
         running = _Running(shard, device_id, self.now_s + est.service_s, self.workflows[shard.workflow_id])
         dev.running[shard.shard_id] = running
         self.running[shard.shard_id] = running
         self.stats.shards_dispatched += 1
-        return Dispatch(shard, device_id, act.evict, act.kind, est.service_s)
+        return Dispatch(shard, device_id, act.evict, act.kind, est.service_s, predicted)
 
     # -- derived quantities -----------------------------------------------------------------------------------------
     def _upward_ranks(self, workflow: Workflow, prompt_tokens: dict[str, list[int]]) -> dict[str, float]:

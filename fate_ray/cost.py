@@ -105,9 +105,9 @@ class Calibration:
         self.step = step
         self.enabled = enabled
         self._factor: dict[tuple[str, str, str], float] = {}
-        # Bounded (a long-lived planner observes forever); far above one benchmark run's observations.
-        self._log_errors: deque[float] = deque(maxlen=MAX_OBSERVATIONS)  # of the estimates used (calibrated)
-        self._raw_log_errors: deque[float] = deque(maxlen=MAX_OBSERVATIONS)  # of the formula alone
+        # Per phase, bounded (a long-lived planner observes forever); far above one benchmark run's observations.
+        self._log_errors: dict[str, deque[float]] = {}  # of the estimates used (calibrated)
+        self._raw_log_errors: dict[str, deque[float]] = {}  # of the formula alone
 
     def factor(self, model: str, device_type: str, phase: str) -> float:
         return self._factor.get((model, device_type, phase), 1.0) if self.enabled else 1.0
@@ -118,8 +118,9 @@ class Calibration:
             return
         key = (model, device_type, phase)
         calibrated = estimated_s * self.factor(model, device_type, phase)  # what the planner actually used
-        self._log_errors.append(abs(math.log(measured_s / calibrated)))
-        self._raw_log_errors.append(abs(math.log(measured_s / estimated_s)))
+        self._log_errors.setdefault(phase, deque(maxlen=MAX_OBSERVATIONS)).append(abs(math.log(measured_s / calibrated)))
+        self._raw_log_errors.setdefault(phase, deque(maxlen=MAX_OBSERVATIONS)).append(
+            abs(math.log(measured_s / estimated_s)))
         # A median tracker in log space: each observation moves the factor by at most `step` toward it. The
         # ratio is skewed (a shard is slowed by whatever else shares the device), and the median, not the mean,
         # is what minimises the typical |log error| we report.
@@ -128,10 +129,18 @@ class Calibration:
         log_old = math.log(self._factor.get(key, 1.0))
         self._factor[key] = math.exp(log_old + max(-self.step, min(self.step, log_ratio - log_old)))
 
-    def median_abs_log_error(self, uncalibrated: bool = False) -> float:
-        """Median |log(measured / estimated)| over every observation; `uncalibrated`: of the raw formula."""
-        errors = self._raw_log_errors if uncalibrated else self._log_errors
+    def median_abs_log_error(self, uncalibrated: bool = False, phase: str | None = None) -> float:
+        """Median |log(measured / estimated)| over the observations (of one phase, or all); `uncalibrated`: of
+        the raw formula."""
+        by_phase = self._raw_log_errors if uncalibrated else self._log_errors
+        errors = [e for p, errs in by_phase.items() if phase in (None, p) for e in errs]
         return statistics.median(errors) if errors else 0.0
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """Per phase: observations, and the median |log error| of the formula alone and of the estimates used."""
+        return {phase: {"observations": len(errs), "uncalibrated": round(self.median_abs_log_error(True, phase), 3),
+                        "calibrated": round(self.median_abs_log_error(False, phase), 3)}
+                for phase, errs in sorted(self._raw_log_errors.items())}
 
 
 class CostEstimator:

@@ -63,6 +63,7 @@ class ShardFinished:
     outputs: tuple[str, ...] = ()  # text, from real engines
     phase_s: Mapping[str, float] = field(default_factory=dict)  # measured: activation, prefill, decode
     cached_tokens: int = 0
+    output_token_ids: tuple[tuple[int, ...], ...] = ()  # per request, from real engines: children reuse them
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,7 @@ class Dispatch:
     evict: tuple[str, ...]
     activation: Activation
     estimated_s: float
+    predicted_cached_tokens: tuple[int, ...] = ()  # per request: the prompt tokens the planner believes cached
 
 
 @dataclass(frozen=True, slots=True)

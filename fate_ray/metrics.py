@@ -9,6 +9,7 @@ from __future__ import annotations
 from ray.util.metrics import Counter, Gauge, Histogram
 
 _SECONDS = [0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
+_DRIFT_TOKENS = [1, 16, 32, 64, 128, 256, 512, 1024, 4096]  # Ray wants positive boundaries
 _MS = [0.5, 1, 2, 5, 10, 20, 50, 100, 250, 500, 1000, 5000]
 
 
@@ -37,5 +38,12 @@ class PlannerMetrics:
         self.shards = Counter("fate_shards_total", "Shards by outcome.", ("outcome", "planner"))
         self.device_busy = Gauge("fate_device_busy_ratio", "Running shards / concurrency, per device.",
                                  ("device", "planner"))
+        self.prefix_drift_tokens = Histogram(
+            "fate_prefix_prediction_drift_tokens", "Per request of a real engine: |the planner's predicted cached "
+            "tokens - vLLM's num_cached_tokens|.", _DRIFT_TOKENS, ("planner",))
         for metric in vars(self).values():
             metric.set_default_tags({"planner": planner})
+
+    def observe_drift(self, predicted: tuple[int, ...], measured: tuple[int, ...]) -> None:
+        for p, m in zip(predicted, measured):
+            self.prefix_drift_tokens.observe(abs(p - m))

@@ -102,7 +102,7 @@ class WorkflowRun:
         out: list[Segment] = []
         for part in parts:
             if isinstance(part, TextPart):
-                out.append(Segment(part.key, part.tokens))
+                out.append(Segment(part.key, part.tokens, part.text))
             elif isinstance(part, OutputPart):
                 parent = self.stages[part.parent]
                 items = range(parent.stage.num_requests) if part.item is None else (part.item,)
@@ -122,13 +122,15 @@ class WorkflowRun:
                 by_node[node] = by_node.get(node, 0) + parent.output_tokens[i] * TEXT_BYTES_PER_TOKEN
         return by_node
 
-    def record(self, stage_id: str, index: int, tokens: int, text: str, device_id: str, node: str) -> bool:
+    def record(self, stage_id: str, index: int, tokens: int, text: str, device_id: str, node: str,
+               token_ids: tuple[int, ...] = ()) -> bool:
         """Record one request's output; False if it was already recorded (a duplicate finish)."""
         run = self.stages[stage_id]
         if index in run.output_tokens:
             return False
         run.output_tokens[index] = tokens
-        run.output_segments[index] = Segment(output_key(self.workflow_id, stage_id, index), tokens)
+        run.output_segments[index] = Segment(output_key(self.workflow_id, stage_id, index), tokens, text, token_ids,
+                                             run.stage.model if token_ids else "")
         run.output_node[index] = node
         run.output_device[index] = device_id
         if text:

@@ -298,6 +298,17 @@ class DeviceState:
         cache = self.caches.get(model)
         return cache.match_blocks(hashes) * self.cluster.block_tokens if cache else 0
 
+    def shard_cached_tokens(self, model: str, chains: Sequence[Sequence[int]]) -> tuple[int, ...]:
+        """Per request of a shard about to start: prompt tokens served from the cache, counting the blocks an
+        earlier request of the same shard computes (vLLM caches them as it goes, so later ones hit them)."""
+        earlier: set[int] = set()  # a union of whole chains: prefix-closed
+        out = []
+        for hashes in chains:
+            shared = matched_blocks(earlier, hashes) * self.cluster.block_tokens
+            out.append(max(self.cached_tokens(model, hashes), shared))
+            earlier.update(hashes)
+        return tuple(out)
+
     # -- transitions ---------------------------------------------------------------------------------------------
     def activate(self, model: str, now_s: float, evict: Sequence[str] = ()) -> Activation:
         """Make `model` ACTIVE after evicting `evict`; returns what it cost (resident, wake or load)."""

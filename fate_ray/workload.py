@@ -39,10 +39,19 @@ def output_key(workflow_id: str, stage_id: str, index: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """A run of tokens with one identity: equal keys mean equal tokens."""
+    """A run of tokens with one identity: equal keys mean equal tokens.
+
+    For real engines a segment also carries what the engine needs to rebuild those tokens: its text, and for a
+    generated output the exact token ids and the model that produced them (re-encoding generated text need not
+    give the same ids, and then the continued context would miss the prefix cache). The planner reads only
+    `key` and `tokens`.
+    """
 
     key: int
     tokens: int
+    text: str = field(default="", compare=False)
+    token_ids: tuple[int, ...] = field(default=(), compare=False)
+    model: str = field(default="", compare=False)  # whose tokenizer produced `token_ids`
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +66,12 @@ class RequestShape:
 
 @dataclass(frozen=True, slots=True)
 class TextPart:
-    """Fixed text known before the workflow runs (system prompt, rendered template)."""
+    """Fixed text known before the workflow runs (system prompt, rendered template). `text` is empty for a part
+    given only as a token count (imported traces); a real engine then runs filler tokens of that count."""
 
     key: int
     tokens: int
+    text: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +143,15 @@ class Workflow:
 
 def expected_prompt_tokens(workflow: Workflow) -> dict[str, list[int]]:
     """Prompt sizes per request with parents' outputs at their expected length (for ranks and bounds)."""
+    return _prompt_tokens(workflow, lambda st: st.expected_output_tokens)
+
+
+def longest_prompt_tokens(workflow: Workflow) -> dict[str, int]:
+    """Each stage's longest prompt with parents' outputs at their `max_tokens`: no run can exceed it."""
+    return {sid: max(sizes, default=0) for sid, sizes in _prompt_tokens(workflow, lambda st: st.max_tokens).items()}
+
+
+def _prompt_tokens(workflow: Workflow, output_tokens) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     for sid in workflow.order:
         st = workflow.stages[sid]
@@ -144,10 +164,10 @@ def expected_prompt_tokens(workflow: Workflow) -> dict[str, list[int]]:
                 elif isinstance(part, OutputPart):
                     parent = workflow.stages[part.parent]
                     k = parent.num_requests if part.item is None else 1
-                    n += k * parent.expected_output_tokens
+                    n += k * output_tokens(parent)
                 elif isinstance(part, ContextPart):
                     parent = workflow.stages[part.parent]
-                    n += out[part.parent][part.item] + parent.expected_output_tokens
+                    n += out[part.parent][part.item] + output_tokens(parent)
             sizes.append(n)
         out[sid] = sizes
     return out

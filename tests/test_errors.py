@@ -142,3 +142,25 @@ def test_stop_head_spares_other_heads_and_its_caller(tmp_path):
     finally:
         for p in [*decoys, victim]:
             p.kill()
+
+
+def test_a_model_whose_files_are_missing_fails_the_run_naming_model_and_path(tmp_path):
+    cluster = yaml.safe_load((ROOT / "workflows" / "clusters" / "local-cpu.yaml").read_text())
+    cluster["models"]["qwen2.5-1.5b"]["path"] = str(tmp_path / "no-such-model")
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    proc = run_cli("run", "workflows/support_answers.yaml", "--cluster", str(tmp_path / "cluster.yaml"),
+                   "--engine", "vllm", "--out", str(tmp_path / "out"))
+    last = assert_one_sentence(proc, "error: model 'qwen2.5-1.5b': no model files at ")
+    assert str(tmp_path / "no-such-model") in last and "make tiny-models" in last
+
+
+def test_a_prompt_longer_than_the_models_context_is_refused_at_validation_naming_the_stage(tmp_path):
+    cluster = yaml.safe_load((ROOT / "workflows" / "clusters" / "local-cpu.yaml").read_text())
+    cluster["models"]["qwen2.5-1.5b"]["max_model_len"] = 256
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    proc = run_cli("validate", "workflows/support_answers.yaml", "--cluster", str(tmp_path / "cluster.yaml"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert any("stage 'answer': its longest prompt (" in line and "over model 'qwen2.5-1.5b''s max_model_len 256"
+               in line for line in lines), proc.stderr
+    assert all(line.startswith("error: workflows/support_answers.yaml:") for line in lines), proc.stderr

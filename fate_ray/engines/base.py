@@ -10,24 +10,30 @@ from fate_ray.state import Residency
 
 
 @dataclass(frozen=True, slots=True)
-class ShardResult:
-    """What an engine returns for a shard: per request, in the shard's order."""
-
-    output_tokens: tuple[int, ...]
-    outputs: tuple[str, ...]
-    phase_s: dict[str, float] = field(default_factory=dict)  # measured activation, prefill, decode
-    cached_tokens: int = 0
-    started_s: float = 0.0  # wall clock (time.time()) on the worker
-    ended_s: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
 class EngineReport:
     """A device's state as the engine sees it (the planner adopts it as truth)."""
 
     residency: dict[str, Residency]
     blocks: dict[str, tuple[int, ...]]
     used_gib: float
+    commands_seen: int = 0  # Dispatch and LoadModel calls received: a report older than a command sent is stale
+
+
+@dataclass(frozen=True, slots=True)
+class ShardResult:
+    """What an engine returns for a shard: per request, in the shard's order."""
+
+    output_tokens: tuple[int, ...]
+    outputs: tuple[str, ...]
+    phase_s: dict[str, float] = field(default_factory=dict)  # measured activation, queue, prefill, decode
+    cached_tokens: int = 0
+    started_s: float = 0.0  # wall clock (time.time()) on the worker
+    ended_s: float = 0.0
+    # Per request, from real engines (empty from SimEngine):
+    prompt_tokens: tuple[int, ...] = ()  # as the engine counted them
+    cached_per_request: tuple[int, ...] = ()  # vLLM's num_cached_tokens
+    output_token_ids: tuple[tuple[int, ...], ...] = ()
+    report: EngineReport | None = None  # the device's state as the shard ended
 
 
 class Engine(Protocol):

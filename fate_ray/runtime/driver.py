@@ -158,7 +158,7 @@ def write_results(planner, ids: dict[str, str], progress: list[dict], out_dir: P
                         "device": shard["device_id"], "model": shard["model"],
                         "dispatched_s": shard["dispatched_s"], "start_s": shard["started_s"],
                         "end_s": shard["ended_s"], "output_tokens": shard["output_tokens"][pos],
-                        "output": shard["outputs"][pos],
+                        "output": shard["outputs"][pos], **_prefix_fields(shard, pos),
                     }) + "\n")
     for p in progress:  # what each workflow's own shards had to load or wake: 0 when it found its models resident
         p["name"], p["file"] = ids[p["workflow"]], files[p["workflow"]]  # its id in this run; its file (sanitised)
@@ -167,11 +167,33 @@ def write_results(planner, ids: dict[str, str], progress: list[dict], out_dir: P
     before = model_events_before or {}
     summary = {"workflows": progress, "stats": stats,
                "model_events_during_run": {k: v - before.get(k, 0) for k, v in stats["model_events"].items()},
+               "prefix": prefix_summary(all_shards),
                "failed": [p["workflow"] for p in progress if p["state"] != "done"]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_gantt(all_shards, out_dir / "gantt.png", f"fate-ray run: {len(ids)} workflow(s)")
     ask(planner.release, list(ids))
     return summary
+
+
+def _prefix_fields(shard: dict, pos: int) -> dict:
+    """Prompt size, vLLM's cached tokens and the planner's prediction, for requests a real engine ran."""
+    if not shard["cached_tokens"]:
+        return {}
+    return {"prompt_tokens": shard["prompt_tokens_per_request"][pos], "cached_tokens": shard["cached_tokens"][pos],
+            "predicted_cached_tokens": shard["predicted_cached_tokens"][pos]}
+
+
+def prefix_summary(shards: list[dict]) -> dict:
+    """The run's prefix hit rate and how far the planner's predicted hits were from vLLM's, per request."""
+    rows = [(p, c, q) for s in shards if s["cached_tokens"]
+            for p, c, q in zip(s["prompt_tokens_per_request"], s["cached_tokens"], s["predicted_cached_tokens"])]
+    if not rows:
+        return {}
+    drift = sorted(abs(q - c) for _, c, q in rows)
+    return {"requests": len(rows), "prompt_tokens": sum(p for p, _, _ in rows),
+            "cached_tokens": sum(c for _, c, _ in rows), "predicted_cached_tokens": sum(q for _, _, q in rows),
+            "hit_rate": round(sum(c for _, c, _ in rows) / max(1, sum(p for p, _, _ in rows)), 4),
+            "drift_tokens_median": drift[len(drift) // 2], "drift_tokens_max": drift[-1]}
 
 
 def read_requests(out_dir: Path, name: str) -> list[dict]:

@@ -46,6 +46,7 @@ from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.policies.base import PlanTimer
 from fate_ray.policies.guard import GuardedPolicy
 from fate_ray.runtime.journal import Journal, ReplayPolicy
+from fate_ray.runtime.reports import REPORT_INTERVAL_S, ReportGate
 from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.workload import Workflow
 
@@ -69,6 +70,10 @@ class ShardRecord:
     outputs: tuple[str, ...] = ()
     output_tokens: tuple[int, ...] = ()
     status: str = "running"  # running, done, failed or lost
+    # Per request. Real engines: the engine's prompt size and vLLM's cached tokens; the planner's prediction.
+    prompt_tokens_per_request: tuple[int, ...] = ()
+    cached_tokens: tuple[int, ...] = ()
+    predicted_cached_tokens: tuple[int, ...] = ()
 
 
 @dataclass
@@ -84,7 +89,7 @@ class WorkflowRecord:
 class PlannerActor:
     def __init__(self, cluster: ClusterSpec, policy: str, workers: dict, seed: int = 0, time_scale: float = 1.0,
                  name: str = PLANNER_NAME, queue_order: QueueOrder = DEFAULT_QUEUE_ORDER, prefetch: bool = True,
-                 engine: str = "sim", state_dir: str | None = None):
+                 engine: str = "sim", state_dir: str | None = None, report_interval_s: float = REPORT_INTERVAL_S):
         self.cluster = cluster
         self.engine = engine
         self.seed = seed
@@ -106,6 +111,9 @@ class PlannerActor:
         self.watched_jobs: set[str] = set()
         self.gone_jobs: set[str] = set()  # jobs whose token died (bounded by the jobs a service ever sees)
         self.cancelled_workflows = 0
+        # Real engines report their state (after every shard, and every interval); SimEngine's truth is the
+        # simulator's own model, in keys the planner does not share, so it reports nothing.
+        self.reports = ReportGate(report_interval_s if engine == "vllm" else 0.0)
         self.journal = Journal(Path(state_dir)) if state_dir else None
         self._restarted = False
         if self.journal is not None and not self.journal.empty:
@@ -242,9 +250,13 @@ class PlannerActor:
     async def stats(self) -> dict:
         await self._ensure_started()
         s = (await self._status()).stats
+        async with self.lock:  # the calibration is the estimator's, which planning rounds update
+            calibration = self.controller.estimator.calibration.report()
         return {"planning_rounds": s.planning_rounds, "shards_dispatched": s.shards_dispatched,
                 "duplicate_finishes": s.duplicate_finishes, "retries": s.retries, "prefetches": s.prefetches,
-                "solver_status": dict(s.solver_status), "model_events": dict(self.model_events)}
+                "solver_status": dict(s.solver_status), "model_events": dict(self.model_events),
+                "reports": {"adopted": self.reports.adopted, "stale": self.reports.stale},
+                "calibration": calibration}
 
     # -- the shell --------------------------------------------------------------------------------------------------
     async def _handle(self, event) -> None:
@@ -312,6 +324,8 @@ class PlannerActor:
         sent again (nobody awaits their old results any more)."""
         if self._gauge_task is None:
             self._gauge_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
+            if self.reports.interval_s:
+                self._spawn(self._poll_reports())
         if self._restarted:
             self._restarted = False
             for rec in self.shards.values():
@@ -365,12 +379,15 @@ class PlannerActor:
             self._record_dispatch(cmd)
             self.shards[cmd.shard.shard_id] = ShardRecord(
                 cmd.shard.shard_id, cmd.shard.workflow_id, cmd.shard.stage_id, cmd.device_id, cmd.shard.model,
-                cmd.shard.request_indices, time.time(), sum(cmd.shard.prompt_tokens), cmd.activation)
+                cmd.shard.request_indices, time.time(), sum(cmd.shard.prompt_tokens), cmd.activation,
+                prompt_tokens_per_request=cmd.shard.prompt_tokens, predicted_cached_tokens=cmd.predicted_cached_tokens)
             if not replaying:
+                self.reports.sent(cmd.device_id)
                 self._spawn(self._run_shard(cmd))
         elif isinstance(cmd, LoadModel):
             self._record_model_events(cmd.device_id, cmd.activation, cmd.evict)
             if not replaying:
+                self.reports.sent(cmd.device_id)
                 self._spawn(self._load(cmd))
         elif isinstance(cmd, StageDone):
             self.metrics.stage_latency_s.observe(max(0.0, cmd.now_s - cmd.ready_s), {"model": cmd.model})
@@ -419,10 +436,33 @@ class PlannerActor:
         record.status = "done"
         record.started_s, record.ended_s = result.started_s, result.ended_s
         record.outputs, record.output_tokens = result.outputs, result.output_tokens
+        if result.prompt_tokens:
+            record.prompt_tokens_per_request, record.cached_tokens = result.prompt_tokens, result.cached_per_request
+            self.metrics.observe_drift(record.predicted_cached_tokens, record.cached_tokens)
         self._journal(("shard", record.shard_id, result.started_s, result.ended_s, result.outputs,
                        result.output_tokens))
         await self._handle(ShardFinished(cmd.shard.shard_id, cmd.device_id, self._now_s(), result.output_tokens,
-                                         result.outputs, result.phase_s, result.cached_tokens))
+                                         result.outputs, result.phase_s, result.cached_tokens,
+                                         result.output_token_ids))
+        if result.report is not None:
+            await self._adopt_report(cmd.device_id, result.report)
+
+    # -- worker state reports (reports.py) ---------------------------------------------------------------------------
+    async def _adopt_report(self, device_id: str, report) -> None:
+        event = self.reports.event(device_id, report, self._now_s())
+        if event is not None:
+            await self._handle(event)
+
+    async def _poll_reports(self) -> None:
+        """Every `report_interval_s`, each worker's state: what the planner believes is replaced by it."""
+        while True:
+            await asyncio.sleep(self.reports.interval_s)
+            for device_id, worker in list(self.workers.items()):
+                try:
+                    report = await worker.report.remote()
+                except Exception:  # noqa: BLE001 -- a dead worker is found by the shard it runs, not here
+                    continue
+                await self._adopt_report(device_id, report)
 
     async def _load(self, cmd: LoadModel) -> None:
         try:

@@ -1,4 +1,5 @@
-"""GpuWorker: one Ray actor per GPU, hosting the Engine that runs shards on that device."""
+"""GpuWorker: one Ray actor per GPU, hosting the Engine that runs shards on that device (`sim`: SimEngine;
+`vllm`: VllmEngine, real inference)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,15 @@ class GpuWorker:
     def __init__(self, cluster: ClusterSpec, device_id: str, engine: str = "sim",
                  time_scale: float = DEFAULT_TIME_SCALE, fail_stages: frozenset[str] = frozenset(),
                  draws: Draws | None = None):
-        if engine != "sim":
-            raise ValueError(f"unknown engine {engine!r}; this version ships 'sim' (vLLM comes next)")
         self.device_id = device_id
-        self.engine = SimEngine(cluster, device_id, time_scale, draws, fail_stages)
+        if engine == "vllm":
+            from fate_ray.engines.vllm_engine import VllmEngine  # vLLM is an optional extra: import it only here
+
+            self.engine = VllmEngine(cluster, device_id)
+        elif engine == "sim":
+            self.engine = SimEngine(cluster, device_id, time_scale, draws, fail_stages)
+        else:
+            raise ValueError(f"unknown engine {engine!r}; known: sim, vllm")
 
     async def run_shard(self, cmd: Dispatch) -> ShardResult:
         return await self.engine.run_shard(cmd)
@@ -38,3 +44,12 @@ class GpuWorker:
 
     async def ping(self) -> str:
         return self.device_id
+
+    async def engine_events(self) -> dict[str, int]:
+        """What the engine did on its own count (loads, unloads, sleeps, wakes): real engines only."""
+        return dict(getattr(self.engine, "events", {}))
+
+    async def shutdown(self) -> None:
+        """Stop the engines before the actor goes (vLLM's engine cores are child processes)."""
+        if hasattr(self.engine, "shutdown"):
+            await self.engine.shutdown()

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     PrivateAttr,
@@ -71,7 +72,11 @@ class ModelSpec(FrozenModel):
     weights_gib: PositiveFloat = Field(description="Weights in device memory, GiB.")
     kv_reserve_gib: PositiveFloat = Field(description="Device memory kept for this model's KV cache when ACTIVE.")
     kv_kib_per_token: PositiveFloat = Field(description="KV cache bytes per token, KiB (sets prefix-cache capacity).")
-    path: str = Field("", description="vLLM model path or hub id for real engines.")
+    path: str = Field("", description="vLLM model path or hub id for real engines (`~` and $VARS are expanded).")
+    dtype: str = Field("auto", description="vLLM dtype for real engines (float32 or bfloat16 on CPU).")
+    max_model_len: NonNegativeInt = Field(
+        0, description="Context length the engine is started with, tokens; workflows whose prompts could exceed it "
+        "are refused at validation. 0: no limit is checked.")
     profiles: dict[str, ModelProfile] = Field(description="Per device type name: speed figures.")
 
     @property
@@ -186,9 +191,12 @@ def load_cluster(path: str | Path) -> ClusterSpec:
 def default_cluster_path() -> Path:
     """`$FATE_RAY_CLUSTER`, else the mixed H100/L4 cluster shipped in the package (or in a source checkout)."""
     env = os.environ.get("FATE_RAY_CLUSTER")
-    if env:
-        return Path(env)
-    packaged = Path(__file__).resolve().parent.parent / "_clusters" / DEFAULT_CLUSTER_FILE
+    return Path(env) if env else shipped_cluster_path(DEFAULT_CLUSTER_FILE)
+
+
+def shipped_cluster_path(file: str) -> Path:
+    """A cluster file shipped in the package (or in a source checkout's workflows/clusters)."""
+    packaged = Path(__file__).resolve().parent.parent / "_clusters" / file
     if packaged.exists():
         return packaged
-    return Path(__file__).resolve().parents[2] / "workflows" / "clusters" / DEFAULT_CLUSTER_FILE
+    return Path(__file__).resolve().parents[2] / "workflows" / "clusters" / file

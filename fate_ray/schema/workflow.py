@@ -24,6 +24,7 @@ absent they are estimated at 4 characters per token. A parent's output counts wi
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,7 +35,17 @@ from fate_ray.schema.cluster import ClusterSpec, FrozenModel
 from fate_ray.schema.errors import InputError, Problem, did_you_mean
 from fate_ray.schema.templates import LOOP_VARIABLES, ParentOutputs, inspect_template, render
 from fate_ray.schema.yaml_lines import LocatedYaml, load_located, parse_located
-from fate_ray.workload import ContextPart, OutputPart, Part, Stage, TextPart, Workflow, estimate_tokens, stable_key
+from fate_ray.workload import (
+    ContextPart,
+    OutputPart,
+    Part,
+    Stage,
+    TextPart,
+    Workflow,
+    estimate_tokens,
+    longest_prompt_tokens,
+    stable_key,
+)
 
 MAX_REPEAT = 1024  # samples per item; more is a typo, not a workload
 # Strict: `max_tokens: true` or `repeat: "3"` are mistakes, not 1 and 3.
@@ -82,16 +93,19 @@ class WorkflowSpec(FrozenModel):
     stages: list[StageSpec] = Field(min_length=1)
 
 
-def load_workflow(path: str | Path, cluster: ClusterSpec) -> tuple[WorkflowSpec, Workflow]:
-    """Parse, validate and compile one workflow file; raise InputError with every problem found."""
-    return check_workflow(load_located(path), cluster)
+def load_workflow(path: str | Path, cluster: ClusterSpec,
+                  count_tokens: TokenCounter | None = None) -> tuple[WorkflowSpec, Workflow]:
+    """Parse, validate and compile one workflow file; raise InputError with every problem found.
+    `count_tokens(model, text)`: the models' own tokenizers, for real engines (else characters / 4)."""
+    return check_workflow(load_located(path), cluster, count_tokens)
 
 
 def parse_workflow_text(text: str, file: str, cluster: ClusterSpec) -> tuple[WorkflowSpec, Workflow]:
     return check_workflow(parse_located(text, file), cluster)
 
 
-def check_workflow(doc: LocatedYaml, cluster: ClusterSpec) -> tuple[WorkflowSpec, Workflow]:
+def check_workflow(doc: LocatedYaml, cluster: ClusterSpec,
+                   count_tokens: TokenCounter | None = None) -> tuple[WorkflowSpec, Workflow]:
     if not isinstance(doc.data, dict):
         raise InputError([doc.problem((), "a workflow file must be a mapping with `name` and `stages`")])
     try:
@@ -102,10 +116,31 @@ def check_workflow(doc: LocatedYaml, cluster: ClusterSpec) -> tuple[WorkflowSpec
     if problems:
         raise InputError(problems)
     try:
-        return spec, compile_workflow(spec, workflow_id=spec.name, source=doc.file)
+        workflow = compile_workflow(spec, workflow_id=spec.name, source=doc.file, count_tokens=count_tokens)
     except StageTemplateError as exc:
         at = ("stages", [s.id for s in spec.stages].index(exc.stage_id), "prompt", "template")
         raise InputError([doc.problem(at, str(exc))]) from None
+    problems = _context_length_problems(spec, workflow, doc, cluster)
+    if problems:
+        raise InputError(problems)
+    return spec, workflow
+
+
+def _context_length_problems(spec: WorkflowSpec, workflow: Workflow, doc: LocatedYaml,
+                             cluster: ClusterSpec) -> list[Problem]:
+    """A prompt that cannot fit its model's context is refused here, not by the engine mid-run: parents' outputs
+    are taken at their `max_tokens`, so no run of the workflow can exceed the bound."""
+    out = []
+    longest = longest_prompt_tokens(workflow)
+    for i, stage in enumerate(spec.stages):
+        limit = cluster.models[stage.model].max_model_len
+        need = longest[stage.id] + stage.max_tokens
+        if limit and need > limit:
+            out.append(doc.problem(("stages", i), f"stage {stage.id!r}: its longest prompt ({longest[stage.id]} "
+                                   f"tokens, parents' outputs at their max_tokens) plus max_tokens {stage.max_tokens} "
+                                   f"is {need} tokens, over model {stage.model!r}'s max_model_len {limit}; shorten "
+                                   "the prompt or lower max_tokens here or in its parents"))
+    return out
 
 
 def _semantic_problems(spec: WorkflowSpec, doc: LocatedYaml, cluster: ClusterSpec) -> list[Problem]:
@@ -225,12 +260,20 @@ class StageTemplateError(ValueError):
         self.stage_id = stage_id
 
 
-def _tokens(text: str) -> int:
-    return estimate_tokens(text)
+TokenCounter = Callable[[str, str], int]  # (model, text) -> tokens
 
 
-def compile_workflow(spec: WorkflowSpec, workflow_id: str, arrival_s: float = 0.0, source: str = "") -> Workflow:
-    """Turn a validated spec into symbolic per-request prompts (see workload.py)."""
+def _count(count_tokens: TokenCounter | None, model: str, text: str, written: int | None) -> int:
+    if count_tokens is not None and text:
+        return count_tokens(model, text)
+    return written or estimate_tokens(text)
+
+
+def compile_workflow(spec: WorkflowSpec, workflow_id: str, arrival_s: float = 0.0, source: str = "",
+                     count_tokens: TokenCounter | None = None) -> Workflow:
+    """Turn a validated spec into symbolic per-request prompts (see workload.py). Text is counted with
+    `count_tokens(model, text)` when given (real engines: the model's tokenizer, which overrides a count written
+    in the YAML), else a count written in the YAML, else characters / 4."""
     stages: dict[str, Stage] = {}
     order = list(nx.topological_sort(_graph(spec)))
     by_id = {s.id: s for s in spec.stages}
@@ -241,7 +284,7 @@ def compile_workflow(spec: WorkflowSpec, workflow_id: str, arrival_s: float = 0.
         # A prefix is keyed by its text, so equal system prompts share cache blocks across stages and workflows;
         # a prefix given only as a token count is private to its stage.
         prefix_key = stable_key("prefix", prefix) if prefix else stable_key("prefix", workflow_id, sid)
-        prefix_part = TextPart(prefix_key, st.prompt.prefix_tokens or _tokens(prefix)) \
+        prefix_part = TextPart(prefix_key, _count(count_tokens, st.model, prefix, st.prompt.prefix_tokens), prefix) \
             if prefix or st.prompt.prefix_tokens else None
         info = inspect_template(st.prompt.template)
         referenced = [p for p in st.parents
@@ -265,7 +308,8 @@ def compile_workflow(spec: WorkflowSpec, workflow_id: str, arrival_s: float = 0.
                         raise StageTemplateError(sid, f"item {i}: {exc}") from None
                 text = rendered[i, sample]
                 # Keyed by request item, not sample: the `repeat` samples of one item share their whole prompt.
-                parts.append(TextPart(stable_key("text", workflow_id, sid, i, text), st.prompt.tokens or _tokens(text)))
+                parts.append(TextPart(stable_key("text", workflow_id, sid, i, text),
+                                      _count(count_tokens, st.model, text, st.prompt.tokens), text))
             prompts.append(tuple(parts))
         stages[sid] = Stage(
             stage_id=sid, model=st.model, parents=tuple(st.parents), num_requests=len(prompts),

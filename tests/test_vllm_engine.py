@@ -1,0 +1,116 @@
+"""Real inference: vLLM engines on CPU (tiny models built locally) in the worker actors of a real local Ray cluster.
+
+One set of actors serves the module (each engine takes ~20-30 s to start on two cores); the test that kills a
+worker runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from fate_ray.engines.tiny_models import build_all
+from fate_ray.engines.tokens import TokenCounter
+from fate_ray.runtime.driver import RunConfig, run_workflows, write_results
+from fate_ray.runtime.service import ServiceConfig, start_actors
+from fate_ray.schema.cluster import load_cluster
+from fate_ray.schema.workflow import load_workflow
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cpu_cluster():
+    build_all()
+    return load_cluster(ROOT / "workflows" / "clusters" / "local-cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def vllm_actors(ray_head, cpu_cluster):
+    if not ray.is_initialized():
+        ray.init(address=ray_head.gcs_address, log_to_driver=False)
+    cfg = ServiceConfig(policy="fate", engine="vllm")
+    planner, workers = start_actors(cpu_cluster, cfg, name_suffix="-vllm")
+    yield planner, workers
+    for worker in workers.values():
+        try:
+            ray.get(worker.shutdown.remote(), timeout=60)
+        except Exception:  # noqa: BLE001 -- killed by a test
+            pass
+    for handle in [planner, *workers.values()]:
+        ray.kill(handle)
+
+
+def support_answers(cluster, workflow_id: str = "support-answers"):
+    wf = load_workflow(ROOT / "workflows" / "support_answers.yaml", cluster, TokenCounter(cluster))[1]
+    return wf.with_arrival(workflow_id, 0.0)
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_two_model_workflow_runs_on_real_engines_and_its_prefix_hits_are_the_predicted_ones(
+        cpu_cluster, vllm_actors, tmp_path):
+    planner, workers = vllm_actors
+    wf = support_answers(cpu_cluster)
+    summary = run_workflows([wf], RunConfig(out_dir=tmp_path, timeout_s=600), planner)
+    assert summary["failed"] == []
+    got = rows(tmp_path / "support-answers.jsonl")
+    keys = [(r["stage"], r["request"]) for r in got]
+    assert sorted(keys) == sorted((sid, i) for sid, st in wf.stages.items() for i in range(st.num_requests))
+    assert {r["model"] for r in got} == {"qwen2.5-1.5b", "llama3.1-8b"}
+    assert all(r["output"] and r["output_tokens"] > 0 for r in got)
+    # The engine's prompt sizes are the planner's (the same tokenizer counted them), and so are its block edges:
+    # the cached tokens the planner predicted are vLLM's within one block, request by request.
+    block = cpu_cluster.block_tokens
+    for r in got:
+        assert abs(r["predicted_cached_tokens"] - r["cached_tokens"]) <= block, r
+    # A follow-up placed where its answer ran continues that conversation from the prefix cache.
+    answers = {r["request"]: r for r in got if r["stage"] == "answer"}
+    local = [r for r in got if r["stage"] == "follow_up" and r["device"] == answers[r["request"]]["device"]]
+    assert local, "no follow-up ran on its answer's device"
+    for r in local:  # every full block of the answer's conversation (its prompt, then its reply) was a hit
+        answer = answers[r["request"]]
+        assert r["cached_tokens"] >= (answer["prompt_tokens"] + answer["output_tokens"]) // block * block > 0, r
+    # The engines loaded and unloaded exactly what the planner commanded.
+    stats = ray.get(planner.stats.remote())
+    done = [ray.get(w.engine_events.remote()) for w in workers.values()]
+    assert sum(e["load"] for e in done) == stats["model_events"]["load"] >= 2
+    assert sum(e["unload"] + e["sleep"] for e in done) == stats["model_events"]["evict"]
+    # The workers' state reports reach the Controller: its belief is what they report.
+    assert stats["reports"]["adopted"] > 0
+    time.sleep(6)  # one report interval, with nothing running
+    belief = {d["device"]: sorted(d["resident"]) for d in ray.get(planner.service_status.remote())["devices"]}
+    reported = {device: sorted(m for m, r in ray.get(w.report.remote()).residency.items() if r == "ACTIVE")
+                for device, w in workers.items()}
+    assert belief == reported
+    assert summary["prefix"]["hit_rate"] > 0.3
+
+
+def test_a_worker_killed_mid_shard_on_real_engines_loses_and_duplicates_nothing(cpu_cluster, vllm_actors, tmp_path):
+    planner, workers = vllm_actors
+    wf = support_answers(cpu_cluster, "support-answers-kill")
+    ids = ray.get(planner.submit.remote([wf]))
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline:
+        running = ray.get(planner.running_devices.remote())
+        victim = running[0] if running else None
+        time.sleep(0.05)
+    assert victim is not None
+    ray.kill(workers[victim])
+    status = ray.get(planner.wait.remote(ids, 600))
+    assert status[ids[0]]["state"] == "done", status
+    write_results(planner, {w: w for w in ids}, list(status.values()), tmp_path)
+    got = rows(tmp_path / "support-answers-kill.jsonl")
+    keys = [(r["stage"], r["request"]) for r in got]
+    assert len(keys) == len(set(keys)), "an output was recorded twice"
+    assert set(keys) == {(sid, i) for sid, st in wf.stages.items() for i in range(st.num_requests)}
+    assert {r["device"] for r in got} == set(workers) - {victim}
+    assert ray.get(planner.stats.remote())["retries"] >= 1
