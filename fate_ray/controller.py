@@ -465,7 +465,9 @@ class Controller:
         est = self.estimator.shard_cost(shard.model, dev.state.device.type, shard.request_shapes(), dev.state,
                                         other_shards=others, other_requests=other_requests)
         dev.state.activate(shard.model, self.now_s, act.evict)
-        predicted = dev.state.shard_cached_tokens(shard.model, shard.block_hashes)
+        predicted = dev.state.shard_cached_tokens(
+            shard.model, shard.block_hashes,
+            (h for r in dev.running.values() if r.shard.model == shard.model for h in r.shard.block_hashes))
         dev.state.shard_started(shard.model)
         running = _Running(shard, device_id, self.now_s + est.service_s, self.workflows[shard.workflow_id])
         dev.running[shard.shard_id] = running

@@ -298,10 +298,14 @@ class DeviceState:
         cache = self.caches.get(model)
         return cache.match_blocks(hashes) * self.cluster.block_tokens if cache else 0
 
-    def shard_cached_tokens(self, model: str, chains: Sequence[Sequence[int]]) -> tuple[int, ...]:
-        """Per request of a shard about to start: prompt tokens served from the cache, counting the blocks an
-        earlier request of the same shard computes (vLLM caches them as it goes, so later ones hit them)."""
+    def shard_cached_tokens(self, model: str, chains: Sequence[Sequence[int]],
+                            running: Iterable[Sequence[int]] = ()) -> tuple[int, ...]:
+        """Per request of a shard about to start: prompt tokens served from the cache, counting the blocks that
+        requests already running on this model (`running`, their prompts' chains) and earlier requests of the same
+        shard compute: vLLM caches a block as soon as it is computed, so later requests hit it."""
         earlier: set[int] = set()  # a union of whole chains: prefix-closed
+        for hashes in running:
+            earlier.update(hashes)
         out = []
         for hashes in chains:
             shared = matched_blocks(earlier, hashes) * self.cluster.block_tokens

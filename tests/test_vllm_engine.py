@@ -19,6 +19,7 @@ from fate_ray.runtime.driver import RunConfig, run_workflows, write_results
 from fate_ray.runtime.service import ServiceConfig, start_actors
 from fate_ray.schema.cluster import load_cluster
 from fate_ray.schema.workflow import load_workflow
+from fate_ray.state import blocks_through
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -31,9 +32,14 @@ def cpu_cluster():
 
 
 @pytest.fixture(scope="module")
-def vllm_actors(ray_head, cpu_cluster):
+def connected(ray_head):
     if not ray.is_initialized():
         ray.init(address=ray_head.gcs_address, log_to_driver=False)
+    return ray_head
+
+
+@pytest.fixture(scope="module")
+def vllm_actors(connected, cpu_cluster):
     cfg = ServiceConfig(policy="fate", engine="vllm")
     planner, workers = start_actors(cpu_cluster, cfg, name_suffix="-vllm")
     yield planner, workers
@@ -91,6 +97,33 @@ def test_a_two_model_workflow_runs_on_real_engines_and_its_prefix_hits_are_the_p
                 for device, w in workers.items()}
     assert belief == reported
     assert summary["prefix"]["hit_rate"] > 0.3
+
+
+def test_blocks_vllm_evicts_leave_the_reported_cache(cpu_cluster, connected, tmp_path):
+    """A KV cache of 40 blocks for the small model: two runs of the workflow need more, so vLLM evicts, says so in
+    its KV events, and the workers' reports (hence the planner's belief) drop those blocks."""
+    small_kv_gib = 40 * cpu_cluster.block_tokens * 2 / 2**20  # 40 blocks of 2 KiB tokens
+    models = dict(cpu_cluster.models)
+    models["qwen2.5-1.5b"] = models["qwen2.5-1.5b"].model_copy(update={"kv_reserve_gib": small_kv_gib,
+                                                                        "max_model_len": 1200})
+    cluster = cpu_cluster.model_copy(update={"models": models})
+    planner, workers = start_actors(cluster, ServiceConfig(policy="fate", engine="vllm"), name_suffix="-vllm-kv")
+    try:
+        twice = [support_answers(cluster, "support-answers-kv"), support_answers(cluster, "support-answers-kv2")]
+        summary = run_workflows(twice, RunConfig(out_dir=tmp_path, timeout_s=600), planner)
+        assert summary["failed"] == []
+        counts = [ray.get(w.engine_events.remote()) for w in workers.values()]
+        assert sum(c["kv_blocks_stored"] for c in counts) > 0
+        assert sum(c["kv_blocks_removed"] for c in counts) > 0, "vLLM evicted nothing: the cache is not small"
+        capacity = cluster.models["qwen2.5-1.5b"].cache_capacity_blocks(cluster.block_tokens)
+        assert capacity == 40
+        for worker in workers.values():
+            held = ray.get(worker.report.remote()).blocks.get("qwen2.5-1.5b", ())
+            assert max(map(blocks_through, held), default=0) <= capacity  # no chain longer than the cache
+        assert summary["prefix"]["drift_tokens_median"] <= cluster.block_tokens
+    finally:
+        for handle in [planner, *workers.values()]:
+            ray.kill(handle)
 
 
 def test_a_worker_killed_mid_shard_on_real_engines_loses_and_duplicates_nothing(cpu_cluster, vllm_actors, tmp_path):

@@ -12,10 +12,9 @@ planner's. Requests of a shard run concurrently in the model's engine (vLLM batc
 aborts its requests.
 
 Prefix-cache state is reported in the planner's block keys: after each request the worker inserts the planner's
-keys for its prompt and output into a per-model `PrefixCache` whose capacity is the engine's own KV block count,
-so the set is bounded as vLLM's cache is (LRU, like vLLM's free-block queue).
-NOTE: an LRU bound, not vLLM's KV events: it cannot see an eviction that vLLM makes earlier under pressure from
-running requests. The drift this leaves shows in the records (predicted vs `num_cached_tokens`).
+keys for its prompt and output into a per-model `PrefixCache` whose capacity is the engine's own KV block count
+(LRU, like vLLM's free-block queue), and every block vLLM says it evicted (its KV cache events, kv_events.py)
+is taken out of it. What drift is left shows in the records (predicted vs `num_cached_tokens`).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from fate_ray.engines.base import EngineReport, ShardResult
+from fate_ray.engines.kv_events import KvBlockIndex, KvEventListener
 from fate_ray.engines.tokens import MissingModelFiles, model_path, prompt_ids
 from fate_ray.events import Dispatch, LoadModel
 from fate_ray.schema.cluster import ClusterSpec
@@ -55,6 +55,8 @@ class _Hosted:
     error: BaseException | None = None
     busy: int = 0  # shards running on it
     cache: PrefixCache | None = None  # the planner's keys of the blocks it holds
+    index: KvBlockIndex | None = None  # vLLM's block hashes -> the planner's keys, from its KV events
+    listener: asyncio.Task | None = None
 
 
 class VllmEngine:
@@ -92,7 +94,7 @@ class VllmEngine:
             hosted.busy -= 1
         for pos, out in enumerate(outs):
             self._remember_blocks(hosted, shard.prompts[pos], shard.workflow_id, shard.stage_id,
-                                  shard.request_indices[pos], len(out.outputs[0].token_ids))
+                                  shard.request_indices[pos], [*out.prompt_token_ids, *out.outputs[0].token_ids])
         texts = tuple(o.outputs[0].text for o in outs)
         ids = tuple(tuple(o.outputs[0].token_ids) for o in outs)
         cached = tuple(int(o.num_cached_tokens or 0) for o in outs)
@@ -106,6 +108,11 @@ class VllmEngine:
     async def load_model(self, cmd: LoadModel) -> None:
         self.commands_seen += 1
         await self._activate(cmd.model, cmd.evict)
+
+    def kv_event_counts(self) -> dict[str, int]:
+        """Blocks vLLM reported stored and removed, over the engines up now."""
+        indexes = [h.index for h in self.hosted.values() if h.index is not None]
+        return {"kv_blocks_stored": sum(i.stored for i in indexes), "kv_blocks_removed": sum(i.removed for i in indexes)}
 
     def report(self) -> EngineReport:
         models = self.cluster.models
@@ -141,11 +148,22 @@ class VllmEngine:
         return final
 
     def _remember_blocks(self, hosted: _Hosted, prompt: tuple[Segment, ...], workflow_id: str, stage_id: str,
-                         index: int, output_tokens: int) -> None:
+                         index: int, token_ids: list[int]) -> None:
         """What vLLM now caches for this request (prompt and output), in the planner's block keys."""
-        if hosted.cache is not None and hosted.state == "ACTIVE":
-            seq = prompt + (Segment(output_key(workflow_id, stage_id, index), output_tokens),)
-            hosted.cache.insert(block_hashes(seq, self.cluster.block_tokens))
+        if hosted.cache is None or hosted.state != "ACTIVE":
+            return
+        prompt_tokens = sum(seg.tokens for seg in prompt)
+        seq = prompt + (Segment(output_key(workflow_id, stage_id, index), len(token_ids) - prompt_tokens),)
+        runs = block_hashes(seq, self.cluster.block_tokens)
+        hosted.cache.insert(runs)
+        if hosted.index is not None:
+            hosted.index.register(token_ids, runs)
+
+    @staticmethod
+    def _forget_runs(hosted: _Hosted, runs: list[int] | None) -> None:
+        """vLLM evicted the blocks of these runs (None: all of its blocks)."""
+        if hosted.cache is not None:
+            hosted.cache.discard(hosted.cache.runs() if runs is None else runs)
 
     # -- residency --------------------------------------------------------------------------------------------------
     async def _activate(self, model: str, evict: tuple[str, ...]) -> _Hosted:
@@ -168,17 +186,26 @@ class VllmEngine:
         return hosted
 
     async def _start(self, model: str, hosted: _Hosted) -> None:
+        listener = None
         try:
-            hosted.engine = await asyncio.to_thread(self._new_engine, model)
+            hosted.index = KvBlockIndex(self.cluster.block_tokens)
+            listener = KvEventListener(hosted.index, lambda gone: self._forget_runs(hosted, gone),
+                                       lambda: self._forget_runs(hosted, None))
+            hosted.engine = await asyncio.to_thread(self._new_engine, model, listener.endpoint)
             blocks = hosted.engine.vllm_config.cache_config.num_gpu_blocks or 1
             hosted.cache = PrefixCache(blocks)
+            hosted.index.bound(blocks)
+            hosted.listener = asyncio.get_running_loop().create_task(listener.run())
         except BaseException as exc:  # noqa: BLE001 -- every waiter on this model gets the failure
             hosted.error = exc
             self.hosted.pop(model, None)
+            if listener is not None and hosted.listener is None:
+                listener.sock.close(linger=0)
         finally:
             hosted.ready.set()
 
-    def _new_engine(self, model: str):
+    def _new_engine(self, model: str, kv_events_endpoint: str):
+        from vllm.config import KVEventsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -191,7 +218,10 @@ class VllmEngine:
             model=str(path), tokenizer=str(path), dtype=spec.dtype, max_model_len=spec.max_model_len or None,
             enforce_eager=True, enable_prefix_caching=True, block_size=self.cluster.block_tokens,
             kv_cache_memory_bytes=int(spec.kv_reserve_gib * 2**30),
-            enable_sleep_mode=self.device_type.supports_sleep, disable_log_stats=True)
+            # NOTE: stats on: without them vLLM leaves `RequestOutput.metrics` empty (no phase timings).
+            enable_sleep_mode=self.device_type.supports_sleep, disable_log_stats=False,
+            kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                            endpoint=kv_events_endpoint, topic="kv"))
         started = time.monotonic()
         engine = AsyncLLM.from_engine_args(args)
         logger.info("%s: loaded %s in %.1f s", self.device.device_id, model, time.monotonic() - started)
@@ -218,6 +248,8 @@ class VllmEngine:
         hosted = self.hosted.pop(model, None)
         if hosted is not None and hosted.engine is not None:
             self.events["unload"] += 1
+            if hosted.listener is not None:
+                hosted.listener.cancel()
             await asyncio.to_thread(hosted.engine.shutdown)
 
 

@@ -47,7 +47,10 @@ class GpuWorker:
 
     async def engine_events(self) -> dict[str, int]:
         """What the engine did on its own count (loads, unloads, sleeps, wakes): real engines only."""
-        return dict(getattr(self.engine, "events", {}))
+        counts = dict(getattr(self.engine, "events", {}))
+        if hasattr(self.engine, "kv_event_counts"):
+            counts.update(self.engine.kv_event_counts())
+        return counts
 
     async def shutdown(self) -> None:
         """Stop the engines before the actor goes (vLLM's engine cores are child processes)."""
