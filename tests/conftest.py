@@ -18,26 +18,28 @@ The tiny cluster (block_tokens 4; links 100 GB/s in a node, 10 GB/s between node
 
 from __future__ import annotations
 
-import os
-
-# Every process that talks to a loopback Ray head needs these before Ray is imported (docs/environment.md):
-# without the first, Ray rewrites 127.0.0.1 to the machine's external address and connections hang; the heads the tests start
-# run without token authentication.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-
 import copy
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from fate_ray.runtime.local_head import write_token  # no Ray import behind it: the settings below come first
 from fate_ray.schema.cluster import ClusterSpec, load_cluster
 from fate_ray.schema.workflow import load_workflow
 from fate_ray.workload import Workflow
+
+# Every process that talks to a loopback Ray head needs these before Ray is imported (docs/environment.md):
+# without the first, Ray rewrites 127.0.0.1 to the machine's external address and connections hang. Token
+# authentication stays on: one token for the whole session (its head, embedded clusters, the jobs and CLIs the
+# tests start), because a process caches the first token it loads.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ["RAY_AUTH_MODE"] = "token"
+SESSION_TOKEN = write_token(Path(tempfile.mkdtemp(prefix="fray-token-")) / "auth_token")
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(SESSION_TOKEN)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_FILES = sorted((ROOT / "workflows").glob("*.yaml"))
@@ -100,7 +102,8 @@ def ray_head():
     the default cluster), shared by the runtime, `ray job submit` and metrics tests."""
     from fate_ray.runtime.local_head import start_local_head
 
-    head = start_local_head(num_gpus=8, gcs_port=6391, dashboard_port=8266, metrics_port=8081)
+    head = start_local_head(num_gpus=8, gcs_port=6391, dashboard_port=8266, metrics_port=8081,
+                            token_path=SESSION_TOKEN)
     yield head
     head.stop()
 

@@ -46,3 +46,32 @@ def test_a_bad_workflow_fails_the_job_with_the_validation_message(head, tmp_path
     assert proc.returncode != 0
     assert f"error: {bad}:6: stages.0.max_tokens: Input should be greater than 0" in logs
     assert "Traceback" not in logs
+
+
+def test_the_local_head_wants_its_token_and_listens_on_loopback_only(ray_head):
+    """Token authentication is on: the dashboard's API refuses a request without the head's token and answers
+    one with it; the token file is readable by its user only; nothing listens on the machine's other addresses."""
+    import os
+    import socket
+    import stat
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{ray_head.dashboard_url}/api/v0/actors?limit=10", timeout=10)
+    assert refused.value.code in (401, 403)
+    assert json.loads(ray_head.get("/api/v0/actors?limit=10"))["data"]
+    assert stat.S_IMODE(os.stat(ray_head.token_path).st_mode) == 0o600
+    others = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
+    others |= {a for a in os.popen("hostname -I 2>/dev/null").read().split() if "." in a}
+    for address in sorted(others - {"127.0.0.1"}):
+        with socket.socket() as control, socket.socket() as probe:  # the address is reachable from here at all
+            control.bind(("0.0.0.0", 0))
+            control.listen()
+            probe.settimeout(2)
+            if probe.connect_ex((address, control.getsockname()[1])) != 0:
+                continue
+        for port in (ray_head.dashboard_port, ray_head.metrics_port, ray_head.gcs_port):
+            with socket.socket() as sock:
+                sock.settimeout(2)
+                assert sock.connect_ex((address, port)) != 0, f"port {port} answers on {address}"

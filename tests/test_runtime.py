@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from faults import kill_a_busy_worker
 
 from fate_ray.runtime.driver import RunConfig, read_requests, run_workflows
 from fate_ray.runtime.service import ServiceConfig, start_actors
@@ -101,18 +102,7 @@ def test_a_worker_killed_mid_shard_loses_no_output(cluster, actors, tmp_path):
     cfg, planner, workers = actors
     wfs = examples(cluster, ["mapreduce_summary"])
     ids = ray.get(planner.submit.remote(wfs))
-    victim = None
-    deadline = time.monotonic() + 60
-    while victim is None and time.monotonic() < deadline:
-        # Kill the device running the map stage's shard as soon as one is running.
-        for p in ray.get(planner.progress.remote()):
-            if p["running_shards"]:
-                shards = ray.get(planner.running_devices.remote())
-                if shards:
-                    victim = shards[0]
-        time.sleep(0.05)
-    assert victim is not None
-    ray.kill(workers[victim])
+    kill_a_busy_worker(planner, workers, timeout_s=60)  # the device running the map stage's first shard
     status = ray.get(planner.wait.remote(ids, 120))
     assert status[ids[0]]["state"] == "done", status
     from fate_ray.runtime.driver import write_results

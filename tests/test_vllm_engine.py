@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from faults import kill_a_busy_worker
 
 from fate_ray.engines.tiny_models import build_all
 from fate_ray.engines.tokens import TokenCounter
@@ -130,14 +131,7 @@ def test_a_worker_killed_mid_shard_on_real_engines_loses_and_duplicates_nothing(
     planner, workers = vllm_actors
     wf = support_answers(cpu_cluster, "support-answers-kill")
     ids = ray.get(planner.submit.remote([wf]))
-    victim = None
-    deadline = time.monotonic() + 120
-    while victim is None and time.monotonic() < deadline:
-        running = ray.get(planner.running_devices.remote())
-        victim = running[0] if running else None
-        time.sleep(0.05)
-    assert victim is not None
-    ray.kill(workers[victim])
+    victim = kill_a_busy_worker(planner, workers)
     status = ray.get(planner.wait.remote(ids, 600))
     assert status[ids[0]]["state"] == "done", status
     write_results(planner, {w: w for w in ids}, list(status.values()), tmp_path)

@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,7 +39,6 @@ def fate_ray(head: LocalHead, *args: str, timeout_s: float = 300.0) -> subproces
 
 def actor_names(head: LocalHead) -> dict[str, str]:
     """Named actors the dashboard knows, name -> state."""
-    with urllib.request.urlopen(f"{head.dashboard_url}/api/v0/actors?limit=1000", timeout=10) as resp:
-        data = json.loads(resp.read())
+    data = json.loads(head.get("/api/v0/actors?limit=1000"))
     rows = data["data"]["result"]["result"]
     return {row["name"]: row["state"] for row in rows if row.get("name")}

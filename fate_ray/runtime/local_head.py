@@ -3,13 +3,18 @@
 `ray stop` finds Ray processes machine-wide by name; we stop only the head we started: it runs as
 `ray start --head --block` in its own session, and stopping signals that process group. Everything stays on
 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray from rewriting the address to the external one, and
-every process that talks to this head needs it too: `env()` carries it). Token authentication is disabled for
-this loopback-only head so the dashboard and `ray job submit` work without a token.
+every process that talks to this head needs it too: `env()` carries it).
+
+Ray's token authentication stays on: the head gets a fresh random token in a file only its user can read
+(`auth_token` in its temp dir, or one given), and `env()` points every process that talks to it there
+(RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH), so `ray job submit`, drivers and jobs authenticate; the dashboard's
+HTTP API wants it as a bearer token (`get`). Dashboard and metrics listen on loopback only.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -27,12 +32,25 @@ class HeadError(ValueError):
     """The local head cannot start; the message says why in one sentence (the CLI prints it, exit 2)."""
 
 
-def head_env() -> dict[str, str]:
+def head_env(token_path: Path | None = None) -> dict[str, str]:
     """The head's environment: its jobs' entrypoints (`fate-ray run ...`) find this interpreter's scripts first,
-    as they would on a head started from the project's activated environment."""
+    as they would on a head started from the project's activated environment; with `token_path`, token
+    authentication with that token."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-            "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PATH": path, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    if token_path is not None:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    return env
+
+
+def write_token(path: Path) -> Path:
+    """A new random token in a file only this user can read (kept if it exists: heads and clients share it)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return path
 
 
 @dataclass
@@ -43,6 +61,7 @@ class LocalHead:
     metrics_port: int
     process: subprocess.Popen
     log_path: Path
+    token_path: Path
 
     @property
     def dashboard_url(self) -> str:
@@ -58,7 +77,14 @@ class LocalHead:
 
     def env(self) -> dict[str, str]:
         """Environment for processes that should talk to this head (drivers, `ray job submit`)."""
-        return {**head_env(), "RAY_ADDRESS": self.gcs_address}
+        return {**head_env(self.token_path), "RAY_ADDRESS": self.gcs_address}
+
+    def get(self, path: str, timeout_s: float = 10.0) -> bytes:
+        """GET from the dashboard's HTTP API, with the head's token."""
+        request = urllib.request.Request(f"{self.dashboard_url}{path}", headers={
+            "Authorization": f"Bearer {self.token_path.read_text().strip()}"})
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            return resp.read()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.process.poll() is not None:
@@ -130,9 +156,11 @@ def _alive(pid: int) -> bool:
 
 
 def start_local_head(num_gpus: int, num_cpus: int = 2, gcs_port: int = 6390, dashboard_port: int = 8265,
-                     metrics_port: int = 8080, temp_dir: Path | None = None, timeout_s: float = 90.0) -> LocalHead:
+                     metrics_port: int = 8080, temp_dir: Path | None = None, timeout_s: float = 90.0,
+                     token_path: Path | None = None) -> LocalHead:
     """Start a head and wait until its dashboard answers. Raises HeadError, one sentence, when it cannot start: Ray
-    missing, a port taken, or the head exiting or staying silent (with the log's last line)."""
+    missing, a port taken, or the head exiting or staying silent (with the log's last line). Its token is read
+    from `token_path` (written there first if missing), else a new one in its temp dir."""
     ray_bin = Path(sys.executable).with_name("ray")
     if not ray_bin.exists():
         raise HeadError(f"Ray is not installed in this environment (no {ray_bin}): run `make demo` (it installs the "
@@ -144,6 +172,7 @@ def start_local_head(num_gpus: int, num_cpus: int = 2, gcs_port: int = 6390, das
                             "`fate-ray stop-head DIR` for a head started with --temp-dir DIR")
     temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="fray-"))  # short: Ray's socket paths have a length limit
     log_path = temp_dir / "head.log"
+    token_path = write_token(token_path or temp_dir / "auth_token")
     cmd = [str(ray_bin), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={gcs_port}",
            f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", f"--dashboard-host={LOOPBACK}",
            f"--dashboard-port={dashboard_port}", f"--metrics-export-port={metrics_port}", f"--temp-dir={temp_dir}",
@@ -151,14 +180,15 @@ def start_local_head(num_gpus: int, num_cpus: int = 2, gcs_port: int = 6390, das
            # local cluster, another head) would take it and this head's job agent would never register.
            f"--dashboard-agent-listen-port={52365 + dashboard_port - 8265 + 100}", "--disable-usage-stats"]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(cmd, env=head_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    head = LocalHead(temp_dir, gcs_port, dashboard_port, metrics_port, process, log_path)
+        process = subprocess.Popen(cmd, env=head_env(token_path), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    head = LocalHead(temp_dir, gcs_port, dashboard_port, metrics_port, process, log_path, token_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             break
         try:
-            urllib.request.urlopen(f"{head.dashboard_url}/api/version", timeout=2).read()
+            head.get("/api/version", timeout_s=2)
             return head
         except OSError:
             time.sleep(0.5)
