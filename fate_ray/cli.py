@@ -128,6 +128,10 @@ def cmd_bench(args) -> int:
 def cmd_run(args) -> int:
     from fate_ray.policies import check_policy_names
 
+    if args.resume:
+        return _resume(args)
+    if not args.files:
+        raise ValueError("fate-ray run needs workflow files (or --resume DIR to finish the workflows journaled there)")
     cluster = _cluster(args.cluster)
     check_policy_names([args.policy or "fate"])
     engine = args.engine or "sim"
@@ -139,6 +143,32 @@ def cmd_run(args) -> int:
     planner, service_cluster, service_engine = _planner_for_run(args, cluster, shared, console)
     if (service_cluster, service_engine) != (cluster, engine):  # attached to a service that plans otherwise
         workflows = _load_workflows(args.files, service_cluster, service_engine)
+    cfg = RunConfig(out_dir=Path(args.out), timeout_s=args.timeout)
+    return _report_run(run_workflows(workflows, cfg, planner, on_progress=_progress_printer(console)), cfg, console)
+
+
+def _resume(args) -> int:
+    """`fate-ray run --resume DIR`: a planner rebuilt from the journal in DIR finishes what it had, with fresh
+    workers (or the running service, which has it already), and this run writes the outputs."""
+    from fate_ray.runtime.driver import RunConfig, connect, resume_workflows
+    from fate_ray.runtime.journal import Journal
+
+    if args.files:
+        raise ValueError("fate-ray run --resume DIR takes no workflow files: it finishes the ones journaled in DIR")
+    if not Journal.exists(Path(args.resume)):
+        raise ValueError(f"--resume {args.resume}: no planner journal there (`fate-ray run` or `fate-ray up` with "
+                         f"--state-dir {args.resume} writes one)")
+    args.state_dir = args.resume
+    cluster = _cluster(args.cluster)
+    console = make_console()
+    planner = _planner_for_run(args, cluster, connect(cluster), console)[0]
+    cfg = RunConfig(out_dir=Path(args.out), timeout_s=args.timeout)
+    summary = resume_workflows(cfg, planner, on_progress=_progress_printer(console))
+    console.print(f"resumed {len(summary['workflows'])} workflow(s) from {args.resume}")
+    return _report_run(summary, cfg, console)
+
+
+def _progress_printer(console):
     last: dict[str, str] = {}
 
     def show(progress):
@@ -148,8 +178,10 @@ def cmd_run(args) -> int:
                 console.print(line)
                 last[p["workflow"]] = line
 
-    cfg = RunConfig(out_dir=Path(args.out), timeout_s=args.timeout)
-    summary = run_workflows(workflows, cfg, planner, on_progress=show)
+    return show
+
+
+def _report_run(summary: dict, cfg, console) -> int:
     for p in summary["workflows"]:
         if p["state"] == "failed":
             console.print(f"failed: {p['workflow']}: {p.get('error', '')}")
@@ -240,8 +272,16 @@ def cmd_up(args) -> int:
     planner = find_planner()
     if planner is not None:
         info = ray.get(planner.info.remote())
-        print(f"the fate-ray service is already running (cluster {info['cluster'].name!r}, policy {info['policy']}, "
-              f"{info['devices']} workers); `fate-ray down` stops it")
+        running = (f"the fate-ray service is already running (cluster {info['cluster'].name!r}, policy "
+                   f"{info['policy']}, engine {info['engine']}, {info['devices']} workers)")
+        asked = {"cluster": args.cluster and cluster != info["cluster"], "policy": args.policy not in (None, info["policy"]),
+                 "engine": args.engine not in (None, info["engine"])}
+        if any(asked.values()):
+            from fate_ray.runtime.service import ServiceError
+
+            raise ServiceError(f"{running}, not with the {', '.join(k for k, v in asked.items() if v)} asked for: "
+                               "`fate-ray down` first to change it")
+        print(f"{running}; `fate-ray down` stops it")
         return 0
     cfg = _service_config(args)
     _, workers = start_actors(cluster, cfg, detached=True)
@@ -381,7 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run workflows on Ray: on RAY_ADDRESS's cluster through its fate-ray service "
                        "(started if none), else on an embedded local cluster")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="*")
+    p.add_argument("--resume", metavar="DIR", help="finish the workflows of a planner journaled in DIR (its "
+                   "--state-dir) after the service went down: rebuilds the planner from the journal, takes them over, "
+                   "writes their outputs")
     p.add_argument("--out", default="results/run")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     add_service_options(p)

@@ -3,6 +3,7 @@ driver rides out the restart, every workflow completes, and every request's outp
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -55,3 +56,47 @@ def ray_rows(path: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_service_that_went_down_is_finished_by_run_resume(ray_client, tmp_path):
+    """The whole service goes (`fate-ray down`) while a job's workflow runs; `fate-ray run --resume DIR` rebuilds the
+    planner from its journal on fresh workers, takes the workflow over and writes every output once."""
+    import json
+    import subprocess
+
+    from fate_ray.runtime.job import fate_ray
+    from fate_ray.runtime.service import find_planner
+
+    ray_head = ray_client
+    state, cluster_file = tmp_path / "state", str(ROOT / "workflows" / "clusters" / "local.yaml")
+    up = fate_ray(ray_head, "up", "--cluster", cluster_file, "--time-scale", "1", "--state-dir", str(state))
+    assert up.returncode == 0, up.stderr
+    job = subprocess.Popen([str(Path(sys.executable).with_name("fate-ray")), "run",
+                            str(ROOT / "workflows" / "mapreduce_summary.yaml"), "--out", str(tmp_path / "first")],
+                           env=ray_head.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # midway: a stage done, and shards running
+            planner = find_planner()
+            progress = ray.get(planner.progress.remote()) if planner is not None else []
+            if any(p["stages_done"] >= 1 and p["running_shards"] for p in progress):
+                break
+            assert time.monotonic() < deadline, progress
+            time.sleep(0.2)
+        down = fate_ray(ray_head, "down")
+        assert down.returncode == 0, down.stderr
+        _, err = job.communicate(timeout=120)
+        assert job.returncode != 0 and "Traceback" not in err, err  # its service went away under it
+        resumed = fate_ray(ray_head, "run", "--resume", str(state), "--cluster", cluster_file,
+                           "--out", str(tmp_path / "resumed"))
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert f"resumed 1 workflow(s) from {state}" in resumed.stdout
+        summary = json.loads((tmp_path / "resumed" / "summary.json").read_text())
+        assert summary["failed"] == []
+        wf = load_workflow(ROOT / "workflows" / "mapreduce_summary.yaml", load_cluster(cluster_file))[1]
+        keys = [(r["stage"], r["request"]) for r in ray_rows(tmp_path / "resumed" / summary["workflows"][0]["file"])]
+        assert len(keys) == len(set(keys)), "a request recorded twice"
+        assert set(keys) == {(sid, i) for sid, st in wf.stages.items() for i in range(st.num_requests)}
+    finally:
+        job.kill()
+        fate_ray(ray_head, "down")

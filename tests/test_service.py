@@ -149,3 +149,49 @@ def test_ray_job_stop_cancels_only_that_jobs_workflows(ray_head, service, tmp_pa
     assert status["cancelled_workflows"] == 1  # cancelled, not merely finished
     assert all(d["queued"] == 0 for d in status["devices"])
     assert not (tmp_path / "stopped" / "summary.json").exists()
+
+
+def test_two_services_started_at_once_with_other_settings_leave_one_and_a_sentence(ray_head, ray_client):
+    """Two `fate-ray up`s at the same moment asking for different policies: one service (one planner, one worker
+    per device), and the other command says which one runs, in one sentence, exit 2."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cluster = str(ROOT / LOCAL_CLUSTER)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            procs = list(pool.map(lambda policy: fate_ray(ray_head, "up", "--cluster", cluster, "--policy", policy),
+                                  ["fate", "heft"]))
+        assert sorted(p.returncode for p in procs) == [0, 2], [p.stdout + p.stderr for p in procs]
+        winner = ["fate", "heft"][[p.returncode for p in procs].index(0)]
+        loser = next(p for p in procs if p.returncode == 2)
+        assert "Traceback" not in loser.stderr
+        last = loser.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and f"policy {winner}" in last.replace("'", ""), last
+        alive = list_actors(filters=[("ray_namespace", "=", NAMESPACE), ("state", "=", "ALIVE")])
+        assert sorted(a["name"] for a in alive) == ["fate-planner", "fate-worker-local-gpu0", "fate-worker-local-gpu1"]
+        assert ray.get(find_planner().info.remote())["policy"] == winner
+    finally:
+        fate_ray(ray_head, "down")
+
+
+def test_a_job_that_goes_away_while_submitting_has_its_late_workflows_cancelled(ray_client):
+    """The planner heard the job's token die; workflows that job still submits are cancelled and forgotten."""
+    from fate_ray.runtime.service import JobToken, ServiceConfig, start_actors
+
+    cluster = load_cluster(ROOT / LOCAL_CLUSTER)
+    planner, workers = start_actors(cluster, ServiceConfig(time_scale=1.0), name_suffix="-late")
+    try:
+        token = JobToken.remote()
+        ray.get(planner.watch_job.remote("gone-job", token))
+        ray.kill(token)
+        wait_for(lambda: "gone-job" in ray.get(planner.service_status.remote())["gone_jobs"], 30,
+                 "the planner to see the job's token die")
+        wf = load_workflow(ROOT / "workflows" / "rag_rerank.yaml", cluster)[1]
+        late = [wf.with_arrival(f"late-{k}@gone-job", 0.0) for k in range(3)]
+        ids = ray.get(planner.submit.remote(late, "gone-job"))
+        assert len(ids) == 3
+        status = ray.get(planner.service_status.remote())
+        assert status["workflows"] == [] and status["cancelled_workflows"] == 3, status
+    finally:
+        for handle in [planner, *workers.values()]:
+            ray.kill(handle)

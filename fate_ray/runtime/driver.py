@@ -96,10 +96,24 @@ def ask(method, *args):
     while True:
         try:
             return ray.get(method.remote(*args))
-        except RayActorError:
-            if time.monotonic() > deadline:
+        except RayActorError as exc:
+            if time.monotonic() > deadline or _dead_for_good(exc):
                 raise
             time.sleep(0.5)
+
+
+def _dead_for_good(exc: RayActorError) -> bool:
+    """The actor will not come back (`fate-ray down` killed it, or its restarts ran out): no use waiting."""
+    actor_id = getattr(exc, "actor_id", None)
+    if not actor_id:
+        return False
+    try:
+        from ray.util.state import get_actor
+
+        actor = get_actor(actor_id)
+    except Exception:  # noqa: BLE001 -- no state API (an embedded cluster without dashboard): keep waiting
+        return False
+    return actor is not None and actor.state == "DEAD"
 
 
 def run_workflows(workflows: Sequence[Workflow], cfg: RunConfig, planner, on_progress=None) -> dict:
@@ -116,6 +130,23 @@ def run_workflows(workflows: Sequence[Workflow], cfg: RunConfig, planner, on_pro
     ray.get(planner.watch_job.remote(job, token))
     before = ray.get(planner.stats.remote())["model_events"]
     ids = ray.get(planner.submit.remote(named, job))
+    mine = _wait(planner, job, token, ids, cfg, on_progress)
+    return write_results(planner, dict(zip(ids, (wf.workflow_id for wf in local))), mine, cfg.out_dir, before)
+
+
+def resume_workflows(cfg: RunConfig, planner, on_progress=None) -> dict:
+    """Take over every workflow a planner recovered from its journal (`fate-ray run --resume DIR`: the jobs that
+    submitted them are gone), wait for them, write their outputs as `run_workflows` would."""
+    job = job_id()
+    token = JobToken.remote()
+    ids = ray.get(planner.adopt.remote(job))
+    ray.get(planner.watch_job.remote(job, token))
+    before = ray.get(planner.stats.remote())["model_events"]
+    mine = _wait(planner, job, token, ids, cfg, on_progress)
+    return write_results(planner, {wid: wid.split("@")[0] for wid in ids}, mine, cfg.out_dir, before)
+
+
+def _wait(planner, job: str, token, ids: list[str], cfg: RunConfig, on_progress) -> list[dict]:
     deadline = time.monotonic() + cfg.timeout_s
     while True:
         # Every poll renews the job's watch: a planner restarted from its journal has forgotten it.
@@ -124,9 +155,8 @@ def run_workflows(workflows: Sequence[Workflow], cfg: RunConfig, planner, on_pro
         if on_progress:
             on_progress(mine)
         if all(p["state"] != "running" for p in mine) or time.monotonic() > deadline:
-            break
+            return mine
         time.sleep(0.2)
-    return write_results(planner, dict(zip(ids, (wf.workflow_id for wf in local))), mine, cfg.out_dir, before)
 
 
 def write_results(planner, ids: dict[str, str], progress: list[dict], out_dir: Path,

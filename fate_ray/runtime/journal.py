@@ -30,6 +30,12 @@ _LENGTH_BYTES = 4
 
 
 class Journal:
+    @staticmethod
+    def exists(state_dir: Path) -> bool:
+        """Whether `state_dir` holds a journal or a snapshot to recover from."""
+        return any((Path(state_dir) / name).is_file() and (Path(state_dir) / name).stat().st_size
+                   for name in ("journal.bin", "snapshot.pkl"))
+
     def __init__(self, state_dir: Path):
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -183,6 +183,15 @@ class PlannerActor:
                 {"workflow": w, "stages_done": 0, "stages": 0, "running_shards": 0, "state": "lost",
                  "error": "the planner restarted without a state dir (--state-dir) and lost it"} for w in ids]
 
+    async def adopt(self, job: str) -> list[str]:
+        """Every workflow this planner knows now belongs to `job` (a `--resume` driver taking over from the jobs
+        that submitted them before the service went down); returns their ids."""
+        await self._ensure_started()
+        self._journal(("adopt", job))
+        for rec in self.workflows.values():
+            rec.job = job
+        return list(self.workflows)
+
     async def watch_job(self, job: str, token) -> None:
         """Cancel and forget the job's workflows once its `JobToken` dies (the job ended or was stopped). Drivers
         call it on every poll: a restarted planner picks the watch up again; a second call changes nothing."""
@@ -218,7 +227,7 @@ class PlannerActor:
         workflows = [{**self._progress_of(w, status), "job": rec.job} for w, rec in self.workflows.items()]
         return {"cluster": self.cluster.name, "policy": self.policy_name, "devices": devices,
                 "workflows": workflows, "model_events": dict(self.model_events),
-                "cancelled_workflows": self.cancelled_workflows}
+                "cancelled_workflows": self.cancelled_workflows, "gone_jobs": sorted(self.gone_jobs)}
 
     async def results(self, workflow_id: str) -> dict:
         """Every request's output and the shard that produced it, per stage."""
@@ -300,6 +309,9 @@ class PlannerActor:
         for record in records:
             if record[0] == "workflow":
                 self.workflows[record[1]] = WorkflowRecord(record[3], record[2])
+            elif record[0] == "adopt":
+                for rec in self.workflows.values():
+                    rec.job = record[1]
             elif record[0] == "shard":
                 rec = self.shards.get(record[1])
                 if rec is not None:
