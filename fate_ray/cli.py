@@ -45,6 +45,8 @@ def cmd_validate(args) -> int:
     for f in args.files:
         try:
             _, wf = load_workflow(f, cluster)
+            if args.engine == "vllm":  # count as a real run will: each model's own tokenizer
+                wf = _load_workflows([f], cluster, "vllm")[0]
         except InputError as exc:
             problems += [str(p) for p in exc.problems]
             continue
@@ -384,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check workflow YAML files against a cluster's model catalog")
     p.add_argument("files", nargs="+")
     p.add_argument("--cluster", help="cluster YAML (default: the mixed H100/L4 cluster)")
+    p.add_argument("--engine", choices=["sim", "vllm"], default="sim",
+                   help="vllm: count prompt tokens with each model's tokenizer, as a real run does (default: "
+                   "characters / 4)")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("simulate", help="simulate workflows under one policy")

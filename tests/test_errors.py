@@ -164,3 +164,19 @@ def test_a_prompt_longer_than_the_models_context_is_refused_at_validation_naming
     assert any("stage 'answer': its longest prompt (" in line and "over model 'qwen2.5-1.5b''s max_model_len 256"
                in line for line in lines), proc.stderr
     assert all(line.startswith("error: workflows/support_answers.yaml:") for line in lines), proc.stderr
+
+
+def test_validate_with_the_vllm_engine_counts_tokens_as_the_run_will(tmp_path):
+    """The tiny tokenizer makes the prompt ~2.5x longer than characters / 4 guess: `validate --engine vllm`
+    refuses what only the real count exceeds, as `fate-ray run --engine vllm` would."""
+    from fate_ray.engines.tiny_models import build_all
+
+    build_all()
+    cluster = yaml.safe_load((ROOT / "workflows" / "clusters" / "local-cpu.yaml").read_text())
+    cluster["models"]["qwen2.5-1.5b"]["max_model_len"] = 800
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    args = ("validate", "workflows/support_answers.yaml", "--cluster", str(tmp_path / "cluster.yaml"))
+    assert run_cli(*args).returncode == 0
+    proc = run_cli(*args, "--engine", "vllm")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "stage 'answer': its longest prompt (979 tokens" in proc.stderr, proc.stderr
