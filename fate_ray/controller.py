@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal, get_args
 
-from fate_ray.cost import CostEstimator, RequestShape, decode_seconds
+from fate_ray.cost import CostEstimator, RequestShape
 from fate_ray.events import (
     Command,
     Dispatch,
@@ -196,22 +196,10 @@ class Controller:
             ids = ev.output_token_ids[pos] if pos < len(ev.output_token_ids) else ()
             if run.record(shard.stage_id, index, ev.output_tokens[pos], text, ev.device_id, node, ids):
                 dev.state.insert_blocks(shard.model, run.full_hashes(shard.stage_id, index))
-        self._observe(shard, dev, ev)
+        if ev.phase_s:
+            self.estimator.observe_shard(shard.model, dev.state.device.type, sum(shard.prompt_tokens),
+                                         ev.cached_tokens, ev.output_tokens, ev.phase_s)
         return self._maybe_complete(run, shard.stage_id)
-
-    def _observe(self, shard: Shard, dev: DeviceQueue, ev: ShardFinished) -> None:
-        """Feed measured phase times to calibration, against raw estimates made with the true output lengths."""
-        if not ev.phase_s:
-            return
-        prof = self.estimator.profile(shard.model, dev.state.device.type)
-        prompt_tokens = sum(shard.prompt_tokens)
-        raw = {
-            "prefill": max(0, prompt_tokens - ev.cached_tokens) / prof.prefill_tok_s,
-            "decode": decode_seconds(prof, ev.output_tokens),
-        }
-        for phase, measured in ev.phase_s.items():
-            if phase in raw:
-                self.estimator.calibration.observe(shard.model, dev.state.device.type, phase, measured, raw[phase])
 
     def _maybe_complete(self, run: WorkflowRun, stage_id: str) -> list[Command]:
         stage = run.stages[stage_id]

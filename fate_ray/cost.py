@@ -154,6 +154,17 @@ class CostEstimator:
     def profile(self, model: str, device_type: str) -> ModelProfile:
         return self.cluster.models[model].profiles[device_type]
 
+    def observe_shard(self, model: str, device_type: str, prompt_tokens: int, cached_tokens: int,
+                      output_tokens: Sequence[int], measured_s: Mapping[str, float]) -> None:
+        """Feed a finished shard's measured phase times to calibration, against the raw estimates of those phases
+        made with what it really did (its true output lengths and cache hits)."""
+        prof = self.profile(model, device_type)
+        raw = {"prefill": max(0, prompt_tokens - cached_tokens) / prof.prefill_tok_s,
+               "decode": decode_seconds(prof, output_tokens)}
+        for phase, measured in measured_s.items():
+            if phase in raw:
+                self.calibration.observe(model, device_type, phase, measured, raw[phase])
+
     def shard_cost(
         self,
         model: str,
