@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fate_ray.engines.tokens import load_workflows
 from fate_ray.schema.cluster import ClusterSpec, default_cluster_path, load_cluster
 from fate_ray.schema.errors import InputError, Problem
 
@@ -38,15 +39,12 @@ def _cluster(path: str | None) -> ClusterSpec:
 
 
 def cmd_validate(args) -> int:
-    from fate_ray.schema.workflow import load_workflow
 
     cluster = _cluster(args.cluster)
     problems: list[str] = []
     for f in args.files:
         try:
-            _, wf = load_workflow(f, cluster)
-            if args.engine == "vllm":  # count as a real run will: each model's own tokenizer
-                wf = _load_workflows([f], cluster, "vllm")[0]
+            wf = load_workflows([f], cluster, args.engine)[0]  # vllm: counted as a real run will
         except InputError as exc:
             problems += [str(p) for p in exc.problems]
             continue
@@ -137,14 +135,14 @@ def cmd_run(args) -> int:
     cluster = _cluster(args.cluster)
     check_policy_names([args.policy or "fate"])
     engine = args.engine or "sim"
-    workflows = _load_workflows(args.files, cluster, engine)  # validate everything before touching Ray
+    workflows = load_workflows(args.files, cluster, engine)  # validate everything before touching Ray
     from fate_ray.runtime.driver import RunConfig, connect, run_workflows
 
     console = make_console()
     shared = connect(cluster)
     planner, service_cluster, service_engine = _planner_for_run(args, cluster, shared, console)
     if (service_cluster, service_engine) != (cluster, engine):  # attached to a service that plans otherwise
-        workflows = _load_workflows(args.files, service_cluster, service_engine)
+        workflows = load_workflows(args.files, service_cluster, service_engine)
     cfg = RunConfig(out_dir=Path(args.out), timeout_s=args.timeout)
     return _report_run(run_workflows(workflows, cfg, planner, on_progress=_progress_printer(console)), cfg, console)
 
@@ -193,21 +191,6 @@ def _report_run(summary: dict, cfg, console) -> int:
     console.print(f"outputs in {cfg.out_dir}/ ({len(summary['workflows'])} workflows, "
                   f"{len(summary['failed'])} not done)")
     return 1 if summary["failed"] else 0
-
-
-def _load_workflows(files, cluster: ClusterSpec, engine: str) -> list:
-    """Validate and compile; for real engines with each model's own tokenizer, after checking its files exist."""
-    from fate_ray.schema.workflow import load_workflow
-
-
-    if engine != "vllm":
-        return [load_workflow(f, cluster)[1] for f in files]
-    from fate_ray.engines.tokens import TokenCounter, check_model_files
-
-    workflows = [load_workflow(f, cluster)[1] for f in files]
-    check_model_files(cluster, sorted(set().union(*(w.models for w in workflows))))
-    counter = TokenCounter(cluster)
-    return [load_workflow(f, cluster, counter)[1] for f in files]
 
 
 def _service_config(args):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal, get_args
 
-from fate_ray.cost import CostEstimator, RequestShape
+from fate_ray.cost import CostEstimator, RequestShape, cached_blocks_per_request
 from fate_ray.events import (
     Command,
     Dispatch,
@@ -92,7 +92,8 @@ class DeviceQueue:
 
 class Controller:
     def __init__(self, cluster: ClusterSpec, policy: Policy, estimator: CostEstimator, max_attempts: int = 3,
-                 queue_order: QueueOrder = DEFAULT_QUEUE_ORDER, prefetch: bool = True):
+                 queue_order: QueueOrder = DEFAULT_QUEUE_ORDER, prefetch: bool = True,
+                 predict_cache_hits: bool = False):
         if queue_order not in QUEUE_ORDERS:
             raise ValueError(f"unknown queue order {queue_order!r}; known: {', '.join(QUEUE_ORDERS)}")
         self.cluster = cluster
@@ -101,6 +102,9 @@ class Controller:
         self.max_attempts = max_attempts
         self.queue_order: QueueOrder = queue_order
         self.prefetch = prefetch
+        # Dispatches carry the predicted prefix hits per request (real engines compare them with vLLM's); off in
+        # the simulator, whose loop has no use for them.
+        self.predict_cache_hits = predict_cache_hits
         self.devices = {
             d.device_id: DeviceQueue(DeviceState.empty(cluster, d), cluster.device_types[d.type].concurrency)
             for d in cluster.devices
@@ -453,15 +457,19 @@ class Controller:
         est = self.estimator.shard_cost(shard.model, dev.state.device.type, shard.request_shapes(), dev.state,
                                         other_shards=others, other_requests=other_requests)
         dev.state.activate(shard.model, self.now_s, act.evict)
-        predicted = dev.state.shard_cached_tokens(
-            shard.model, shard.block_hashes,
-            (h for r in dev.running.values() if r.shard.model == shard.model for h in r.shard.block_hashes))
+        predicted = self._predicted_cached_tokens(dev, shard) if self.predict_cache_hits else ()
         dev.state.shard_started(shard.model)
         running = _Running(shard, device_id, self.now_s + est.service_s, self.workflows[shard.workflow_id])
         dev.running[shard.shard_id] = running
         self.running[shard.shard_id] = running
         self.stats.shards_dispatched += 1
         return Dispatch(shard, device_id, act.evict, act.kind, est.service_s, predicted)
+
+    def _predicted_cached_tokens(self, dev: DeviceQueue, shard: Shard) -> tuple[int, ...]:
+        """Per request: the prompt tokens this Controller believes the device will serve from its prefix cache."""
+        computing = {h for r in dev.running.values() if r.shard.model == shard.model for h in r.shard.block_hashes}
+        blocks = cached_blocks_per_request(dev.state.caches.get(shard.model), shard.block_hashes, computing)
+        return tuple(b * self.cluster.block_tokens for b in blocks)
 
     # -- derived quantities -----------------------------------------------------------------------------------------
     def _upward_ranks(self, workflow: Workflow, prompt_tokens: dict[str, list[int]]) -> dict[str, float]:

@@ -80,18 +80,26 @@ def decode_seconds(profile: ModelProfile, output_tokens: Sequence[int], other_re
 
 
 def cached_tokens_in_batch(cache: PrefixCache | None, requests: Sequence[RequestShape], block_tokens: int) -> int:
-    """Tokens served from cache: blocks already on the device, or computed by an earlier request of the batch.
+    """Tokens served from cache: blocks already on the device, or computed by an earlier request of the batch."""
+    return sum(cached_blocks_per_request(cache, [r.block_hashes for r in requests])) * block_tokens
+
+
+def cached_blocks_per_request(cache: PrefixCache | None, chains: Sequence[Sequence[int]],
+                              computing: set[int] | None = None) -> list[int]:
+    """Per request of a batch, in order: full prompt blocks served from cache, that is already on the device, or
+    computed by an earlier request of the batch or by `computing` (the chains of requests running now: vLLM caches
+    a block as soon as it is computed).
 
     Both sets are prefix-closed, so a request's hit is the longer of its two leading matches (a prefix that
     alternates between them would match a little more; rare enough to ignore).
     """
-    seen: set[int] = set()
-    hit_blocks = 0
-    for req in requests:
-        on_device = cache.match_blocks(req.block_hashes) if cache is not None else 0
-        hit_blocks += max(on_device, matched_blocks(seen, req.block_hashes)) if seen else on_device
-        seen.update(req.block_hashes)
-    return hit_blocks * block_tokens
+    seen = computing if computing is not None else set()
+    out = []
+    for hashes in chains:
+        on_device = cache.match_blocks(hashes) if cache is not None else 0
+        out.append(max(on_device, matched_blocks(seen, hashes)) if seen else on_device)
+        seen.update(hashes)
+    return out
 
 
 MAX_OBSERVATIONS = 200_000

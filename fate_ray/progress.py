@@ -54,7 +54,6 @@ class StageRun:
     prompts: list[tuple[Segment, ...]] = field(default_factory=list)  # resolved when the stage becomes ready
     hashes: list[tuple[int, ...]] = field(default_factory=list)
     output_tokens: dict[int, int] = field(default_factory=dict)
-    outputs: dict[int, str] = field(default_factory=dict)
     output_node: dict[int, str] = field(default_factory=dict)
     output_device: dict[int, str] = field(default_factory=dict)
     output_segments: dict[int, Segment] = field(default_factory=dict)
@@ -63,6 +62,11 @@ class StageRun:
     @property
     def done(self) -> bool:
         return len(self.output_tokens) == self.stage.num_requests
+
+    @property
+    def outputs(self) -> dict[int, str]:
+        """The text of each recorded output (real engines; empty where none was returned)."""
+        return {i: seg.text for i, seg in self.output_segments.items() if seg.text}
 
     def output_segment(self, index: int) -> Segment:
         return self.output_segments[index]
@@ -133,8 +137,6 @@ class WorkflowRun:
                                              run.stage.model if token_ids else "")
         run.output_node[index] = node
         run.output_device[index] = device_id
-        if text:
-            run.outputs[index] = text
         return True
 
     def full_hashes(self, stage_id: str, index: int) -> tuple[int, ...]:

@@ -298,21 +298,6 @@ class DeviceState:
         cache = self.caches.get(model)
         return cache.match_blocks(hashes) * self.cluster.block_tokens if cache else 0
 
-    def shard_cached_tokens(self, model: str, chains: Sequence[Sequence[int]],
-                            running: Iterable[Sequence[int]] = ()) -> tuple[int, ...]:
-        """Per request of a shard about to start: prompt tokens served from the cache, counting the blocks that
-        requests already running on this model (`running`, their prompts' chains) and earlier requests of the same
-        shard compute: vLLM caches a block as soon as it is computed, so later requests hit it."""
-        earlier: set[int] = set()  # a union of whole chains: prefix-closed
-        for hashes in running:
-            earlier.update(hashes)
-        out = []
-        for hashes in chains:
-            shared = matched_blocks(earlier, hashes) * self.cluster.block_tokens
-            out.append(max(self.cached_tokens(model, hashes), shared))
-            earlier.update(hashes)
-        return tuple(out)
-
     # -- transitions ---------------------------------------------------------------------------------------------
     def activate(self, model: str, now_s: float, evict: Sequence[str] = ()) -> Activation:
         """Make `model` ACTIVE after evicting `evict`; returns what it cost (resident, wake or load)."""

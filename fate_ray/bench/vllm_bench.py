@@ -22,11 +22,10 @@ from rich.table import Table
 
 from fate_ray.bench.instances import examples_dir
 from fate_ray.engines.tiny_models import build_all
-from fate_ray.engines.tokens import TokenCounter, check_model_files
+from fate_ray.engines.tokens import load_workflows
 from fate_ray.runtime.driver import RunConfig, connect, run_workflows
 from fate_ray.runtime.service import ServiceConfig, start_actors
 from fate_ray.schema.cluster import ClusterSpec
-from fate_ray.schema.workflow import load_workflow
 
 WORKFLOW = "support_answers.yaml"
 
@@ -35,8 +34,7 @@ def run_vllm_bench(cluster: ClusterSpec, policies: list[str], out_dir: Path, cop
                    console: Console | None = None) -> dict:
     console = console or Console()
     build_all()
-    workflow = load_workflow(examples_dir() / WORKFLOW, cluster, TokenCounter(cluster))[1]
-    check_model_files(cluster, sorted(workflow.models))
+    workflow = load_workflows([examples_dir() / WORKFLOW], cluster, "vllm")[0]
     connect(cluster)
     results: dict = {"suite": "vllm", "cluster": cluster.name, "workflow": WORKFLOW, "copies": copies,
                      "policies": {}}

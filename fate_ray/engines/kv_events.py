@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from fate_ray.state import blocks_through
+from fate_ray.state import run_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +35,7 @@ def chain_ids(token_ids: Sequence[int], block_tokens: int, parent: int = 0) -> l
 
 def runs_by_block(runs: Sequence[int]) -> list[int]:
     """For each full block of a chain, the planner run (state.block_hashes) that covers it."""
-    out: list[int] = []
-    for run in runs:
-        out.extend([run] * (blocks_through(run) - len(out)))
-    return out
+    return [run for run, blocks in zip(runs, run_sizes(runs)) for _ in range(blocks)]
 
 
 class KvBlockIndex:

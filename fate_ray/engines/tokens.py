@@ -74,13 +74,26 @@ def filler_ids(key: int, tokens: int, vocab_size: int) -> list[int]:
 
 
 class TokenCounter:
-    """`count(model, text)` with each model's own tokenizer, for compiling workflows that real engines run."""
+    """`count(model, text)` with each model's own tokenizer, for compiling workflows that real engines run; a
+    model without files is refused (`check_model_files`) the first time it counts."""
 
     def __init__(self, cluster: ClusterSpec):
         self.cluster = cluster
+        self._checked: set[str] = set()
 
     def __call__(self, model: str, text: str) -> int:
+        if model not in self._checked:
+            check_model_files(self.cluster, [model])
+            self._checked.add(model)
         return len(encode(load_tokenizer(self.cluster.models[model].path), text))
+
+
+def load_workflows(files, cluster: ClusterSpec, engine: str) -> list:
+    """Validate and compile workflow files for an engine: for real ones (`vllm`) with each model's tokenizer."""
+    from fate_ray.schema.workflow import load_workflow
+
+    counter = TokenCounter(cluster) if engine == "vllm" else None
+    return [load_workflow(f, cluster, counter)[1] for f in files]
 
 
 def prompt_ids(segments: Sequence[Segment], model: str, cluster: ClusterSpec) -> list[int]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from fate_ray.engines.base import EngineReport, ShardResult
 from fate_ray.engines.kv_events import KvBlockIndex, KvEventListener
-from fate_ray.engines.tokens import MissingModelFiles, model_path, prompt_ids
+from fate_ray.engines.tokens import check_model_files, model_path, prompt_ids
 from fate_ray.events import Dispatch, LoadModel
 from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.state import PrefixCache, Residency, block_hashes
@@ -178,8 +178,7 @@ class VllmEngine:
             elif hosted.state == "SLEEPING":
                 self.events["wake"] += 1
                 await hosted.engine.wake_up()
-                hosted.state = "ACTIVE"
-                hosted.cache = PrefixCache(hosted.cache.capacity_blocks if hosted.cache else 1)
+                hosted.state = "ACTIVE"  # with the empty cache `_evict` left
         await hosted.ready.wait()
         if hosted.error is not None:
             raise hosted.error
@@ -211,9 +210,7 @@ class VllmEngine:
 
         spec = self.cluster.models[model]
         path = model_path(spec.path)
-        if not spec.path or not (path / "config.json").is_file():
-            raise MissingModelFiles(f"model {model!r}: no model files at {path} (config.json missing); build them "
-                                    "with `make tiny-models` or fix the path in the cluster file")
+        check_model_files(self.cluster, [model])
         args = AsyncEngineArgs(
             model=str(path), tokenizer=str(path), dtype=spec.dtype, max_model_len=spec.max_model_len or None,
             enforce_eager=True, enable_prefix_caching=True, block_size=self.cluster.block_tokens,

@@ -32,9 +32,10 @@ _LENGTH_BYTES = 4
 class Journal:
     @staticmethod
     def exists(state_dir: Path) -> bool:
-        """Whether `state_dir` holds a journal or a snapshot to recover from."""
-        return any((Path(state_dir) / name).is_file() and (Path(state_dir) / name).stat().st_size
-                   for name in ("journal.bin", "snapshot.pkl"))
+        """Whether `state_dir` holds a snapshot or a non-empty journal to recover from."""
+        state_dir = Path(state_dir)
+        log = state_dir / "journal.bin"
+        return (state_dir / "snapshot.pkl").exists() or (log.exists() and log.stat().st_size > 0)
 
     def __init__(self, state_dir: Path):
         self.dir = Path(state_dir)
@@ -86,7 +87,7 @@ class Journal:
 
     @property
     def empty(self) -> bool:
-        return not self.snapshot_path.exists() and (not self.log_path.exists() or self.log_path.stat().st_size == 0)
+        return not Journal.exists(self.dir)
 
 
 class ReplayPolicy:

@@ -63,7 +63,6 @@ class ShardRecord:
     model: str
     request_indices: tuple[int, ...]
     dispatched_s: float
-    prompt_tokens: int = 0
     activation: str = "resident"  # what the device had to do first: resident, wake or load
     started_s: float = 0.0
     ended_s: float = 0.0
@@ -74,6 +73,18 @@ class ShardRecord:
     prompt_tokens_per_request: tuple[int, ...] = ()
     cached_tokens: tuple[int, ...] = ()
     predicted_cached_tokens: tuple[int, ...] = ()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.prompt_tokens_per_request)
+
+    def finished(self, started_s: float, ended_s: float, outputs: tuple[str, ...], output_tokens: tuple[int, ...],
+                 prompt_tokens: tuple[int, ...] = (), cached_tokens: tuple[int, ...] = ()) -> None:
+        """Its worker's result (live, or replayed from the journal): real engines also say what they counted."""
+        self.status, self.started_s, self.ended_s = "done", started_s, ended_s
+        self.outputs, self.output_tokens = outputs, output_tokens
+        if prompt_tokens:
+            self.prompt_tokens_per_request, self.cached_tokens = prompt_tokens, cached_tokens
 
 
 @dataclass
@@ -95,7 +106,8 @@ class PlannerActor:
         self.seed = seed
         estimator = CostEstimator(cluster, Calibration())
         self.timer = self._make_timer(policy, estimator)
-        self.controller = Controller(cluster, self.timer, estimator, queue_order=queue_order, prefetch=prefetch)
+        self.controller = Controller(cluster, self.timer, estimator, queue_order=queue_order, prefetch=prefetch,
+                                     predict_cache_hits=engine == "vllm")
         self.policy_name = policy
         self.metrics = PlannerMetrics(name)
         self._gauge_task: asyncio.Task | None = None
@@ -315,7 +327,7 @@ class PlannerActor:
             elif record[0] == "shard":
                 rec = self.shards.get(record[1])
                 if rec is not None:
-                    rec.status, (rec.started_s, rec.ended_s, rec.outputs, rec.output_tokens) = "done", record[2:]
+                    rec.finished(*record[2:])
             else:
                 _, event, plan = record
                 if plan is not None:
@@ -391,7 +403,7 @@ class PlannerActor:
             self._record_dispatch(cmd)
             self.shards[cmd.shard.shard_id] = ShardRecord(
                 cmd.shard.shard_id, cmd.shard.workflow_id, cmd.shard.stage_id, cmd.device_id, cmd.shard.model,
-                cmd.shard.request_indices, time.time(), sum(cmd.shard.prompt_tokens), cmd.activation,
+                cmd.shard.request_indices, time.time(), cmd.activation,
                 prompt_tokens_per_request=cmd.shard.prompt_tokens, predicted_cached_tokens=cmd.predicted_cached_tokens)
             if not replaying:
                 self.reports.sent(cmd.device_id)
@@ -445,14 +457,12 @@ class PlannerActor:
             await self._handle(ShardFailed(cmd.shard.shard_id, cmd.device_id, self._now_s(),
                                            f"{cause.__class__.__name__}: {cause}".splitlines()[0]))
             return
-        record.status = "done"
-        record.started_s, record.ended_s = result.started_s, result.ended_s
-        record.outputs, record.output_tokens = result.outputs, result.output_tokens
+        done = (result.started_s, result.ended_s, result.outputs, result.output_tokens, result.prompt_tokens,
+                result.cached_per_request)
+        record.finished(*done)
         if result.prompt_tokens:
-            record.prompt_tokens_per_request, record.cached_tokens = result.prompt_tokens, result.cached_per_request
             self.metrics.observe_drift(record.predicted_cached_tokens, record.cached_tokens)
-        self._journal(("shard", record.shard_id, result.started_s, result.ended_s, result.outputs,
-                       result.output_tokens))
+        self._journal(("shard", record.shard_id, *done))
         await self._handle(ShardFinished(cmd.shard.shard_id, cmd.device_id, self._now_s(), result.output_tokens,
                                          result.outputs, result.phase_s, result.cached_tokens,
                                          result.output_token_ids))

@@ -75,10 +75,11 @@ def start_actors(cluster: ClusterSpec, cfg: ServiceConfig, *, detached: bool = F
         cluster, cfg.policy, workers, cfg.seed, cfg.time_scale, PLANNER_NAME + name_suffix, cfg.queue_order,
         cfg.prefetch, cfg.engine, cfg.state_dir)
     info = ray.get(planner.info.remote())
-    if detached and (info["cluster"] != cluster or info["policy"] != cfg.policy):
+    if detached and (info["cluster"], info["policy"], info["engine"]) != (cluster, cfg.policy, cfg.engine):
         # Another job started the service at the same moment, with other settings: its actors won.
         raise ServiceError(f"another job started the fate-ray service at the same time with cluster "
-                           f"{info['cluster'].name!r} and policy {info['policy']!r}: run again to attach to it")
+                           f"{info['cluster'].name!r}, policy {info['policy']!r} and engine {info['engine']!r}: run "
+                           "again to attach to it")
     return planner, workers
 
 
