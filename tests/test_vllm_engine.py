@@ -121,7 +121,12 @@ def test_blocks_vllm_evicts_leave_the_reported_cache(cpu_cluster, connected, tmp
         for worker in workers.values():
             held = ray.get(worker.report.remote()).blocks.get("qwen2.5-1.5b", ())
             assert max(map(blocks_through, held), default=0) <= capacity  # no chain longer than the cache
-        assert summary["prefix"]["drift_tokens_median"] <= cluster.block_tokens
+        # The evictions reach the planner: once the workers report, its belief is what they hold.
+        time.sleep(6)  # one report interval, with nothing running
+        belief = {d["device"]: sorted(d["resident"]) for d in ray.get(planner.service_status.remote())["devices"]}
+        reported = {device: sorted(m for m, r in ray.get(w.report.remote()).residency.items() if r == "ACTIVE")
+                    for device, w in workers.items()}
+        assert belief == reported
     finally:
         for handle in [planner, *workers.values()]:
             ray.kill(handle)
@@ -132,6 +137,7 @@ def test_a_worker_killed_mid_shard_on_real_engines_loses_and_duplicates_nothing(
     wf = support_answers(cpu_cluster, "support-answers-kill")
     ids = ray.get(planner.submit.remote([wf]))
     victim = kill_a_busy_worker(planner, workers)
+    killed_s = time.time()
     status = ray.get(planner.wait.remote(ids, 600))
     assert status[ids[0]]["state"] == "done", status
     write_results(planner, {w: w for w in ids}, list(status.values()), tmp_path)
@@ -139,5 +145,7 @@ def test_a_worker_killed_mid_shard_on_real_engines_loses_and_duplicates_nothing(
     keys = [(r["stage"], r["request"]) for r in got]
     assert len(keys) == len(set(keys)), "an output was recorded twice"
     assert set(keys) == {(sid, i) for sid, st in wf.stages.items() for i in range(st.num_requests)}
-    assert {r["device"] for r in got} == set(workers) - {victim}
+    # What the victim finished before it died stays recorded; nothing it was running is.
+    assert all(r["end_s"] <= killed_s for r in got if r["device"] == victim)
+    assert any(r["device"] != victim for r in got)
     assert ray.get(planner.stats.remote())["retries"] >= 1
