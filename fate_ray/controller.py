@@ -467,7 +467,8 @@ class Controller:
 
     def _predicted_cached_tokens(self, dev: DeviceQueue, shard: Shard) -> tuple[int, ...]:
         """Per request: the prompt tokens this Controller believes the device will serve from its prefix cache."""
-        computing = {h for r in dev.running.values() if r.shard.model == shard.model for h in r.shard.block_hashes}
+        computing = {h for r in dev.running.values() if r.shard.model == shard.model
+                     for chain in r.shard.block_hashes for h in chain}
         blocks = cached_blocks_per_request(dev.state.caches.get(shard.model), shard.block_hashes, computing)
         return tuple(b * self.cluster.block_tokens for b in blocks)
 

@@ -477,3 +477,29 @@ def test_every_policy_runs_its_queues_in_the_controllers_order(tiny_cluster, nam
         started.append(running.shard.workflow_id)
     assert started == QUEUE_EXPECTED[order]
     ctl.validate_state()
+
+
+def test_predicted_hits_count_the_blocks_requests_running_on_the_model_compute():
+    """vLLM caches a block as soon as it is computed: a copy of a running request's prompt, dispatched to the same
+    device, is predicted to hit all of that prompt's full blocks (the planner's prediction real engines report)."""
+    from pathlib import Path
+
+    from fate_ray.schema.cluster import load_cluster
+    from fate_ray.schema.workflow import load_workflow
+
+    root = Path(__file__).resolve().parents[1]
+    cluster = load_cluster(root / "workflows" / "clusters" / "local-cpu.yaml")
+    wf = load_workflow(root / "workflows" / "support_answers.yaml", cluster)[1]
+    estimator = CostEstimator(cluster)
+    ctl = Controller(cluster, make_policy("least_loaded", PolicyContext(cluster, estimator, 0)), estimator,
+                     predict_cache_hits=True)
+    dispatched = [cmd for k in range(2) for cmd in ctl.handle(WorkflowSubmitted(wf.with_arrival(f"w{k}", 0.0), 0.0))
+                  if isinstance(cmd, Dispatch)]
+    first = {(d.device_id, i): d for d in dispatched if d.shard.workflow_id == "w0" for i in d.shard.request_indices}
+    copies = [d for d in dispatched if d.shard.workflow_id == "w1"]
+    assert copies
+    for d in copies:
+        for pos, i in enumerate(d.shard.request_indices):
+            if (d.device_id, i) in first:  # the same prompt is being computed on this device
+                full_blocks = d.shard.prompt_tokens[pos] // cluster.block_tokens * cluster.block_tokens
+                assert d.predicted_cached_tokens[pos] == full_blocks
