@@ -102,8 +102,8 @@ class Controller:
         self.max_attempts = max_attempts
         self.queue_order: QueueOrder = queue_order
         self.prefetch = prefetch
-        # Dispatches carry the predicted prefix hits per request (real engines compare them with vLLM's); off in
-        # the simulator, whose loop has no use for them.
+        # Dispatches carry the predicted prefix hits per request (the Ray planner compares them with the engines');
+        # off in the simulator, whose loop has no use for them.
         self.predict_cache_hits = predict_cache_hits
         self.devices = {
             d.device_id: DeviceQueue(DeviceState.empty(cluster, d), cluster.device_types[d.type].concurrency)

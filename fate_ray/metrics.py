@@ -39,8 +39,8 @@ class PlannerMetrics:
         self.device_busy = Gauge("fate_device_busy_ratio", "Running shards / concurrency, per device.",
                                  ("device", "planner"))
         self.prefix_drift_tokens = Histogram(
-            "fate_prefix_prediction_drift_tokens", "Per request of a real engine: |the planner's predicted cached "
-            "tokens - vLLM's num_cached_tokens|.", _DRIFT_TOKENS, ("planner",))
+            "fate_prefix_prediction_drift_tokens", "Per request: |the planner's predicted cached tokens - the "
+            "engine's (vLLM's num_cached_tokens, or the simulated engine's)|.", _DRIFT_TOKENS, ("planner",))
         for metric in vars(self).values():
             metric.set_default_tags({"planner": planner})
 

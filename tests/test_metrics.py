@@ -1,17 +1,20 @@
 """Metrics end to end: the planner actor records `fate_*` metrics, Ray exports them, and a real Prometheus
 (Debian's `prometheus`, started here on loopback with Ray's file-SD list) scrapes them; we read them back through
-Prometheus's HTTP API."""
+Prometheus's HTTP API, and run every query of the Grafana dashboard (deploy/grafana/fate-ray.json) against them."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import dashboard
 import pytest
 
 from fate_ray.runtime.driver import RunConfig, run_workflows
@@ -55,6 +58,16 @@ def query(prom: str, expr: str) -> list:
         return []
 
 
+def evaluate(prom: str, expr: str) -> tuple[str | None, list]:
+    """(error, result): Prometheus's own error for a query it rejects (HTTP 400), else its result."""
+    url = f"{prom}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return None, json.loads(resp.read())["data"]["result"]
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read()).get("error", str(e)), []
+
+
 def test_prometheus_scrapes_the_planner_metrics(ray_client, prometheus, tmp_path):
     """A run on the session head, then its `ray_fate_*` series read back from Prometheus."""
     cluster = load_cluster(ROOT / "workflows" / "clusters" / "local.yaml")
@@ -83,3 +96,25 @@ def test_prometheus_scrapes_the_planner_metrics(ray_client, prometheus, tmp_path
     # And the values are this run's: exactly its shards, all finished.
     done = query(prometheus, 'ray_fate_shards_total{planner="fate-planner-metrics",outcome="done"}')
     assert sum(float(x["value"][1]) for x in done) == shards
+    # Every panel of the Grafana dashboard shows the next run: each query is accepted and returns a number. (The
+    # first run's series were born with their final values, so a rate over them is 0 and a quantile NaN.)
+    again = run_workflows(wfs, RunConfig(out_dir=tmp_path / "again"), planner)
+    assert again["failed"] == []
+    panels = {where: dashboard.for_prometheus(expr, "fate-planner-metrics")
+              for where, expr in dashboard.queries(dashboard.load()).items()}
+    failing: dict[str, str] = {}
+    deadline = time.monotonic() + 60
+    while panels and time.monotonic() < deadline:
+        for where, expr in list(panels.items()):
+            error, result = evaluate(prometheus, expr)
+            if error is not None:
+                failing[where] = f"rejected: {error}"
+                del panels[where]
+            elif any(math.isfinite(float(x["value"][1])) for x in result):
+                del panels[where]
+            else:
+                failing[where] = f"no value: {result}"
+        time.sleep(2)
+    failing = {where: why for where, why in failing.items() if where in panels or why.startswith("rejected")}
+    assert not failing, "dashboard queries failing on the live series:\n" + "\n".join(
+        f"{where}: {why}" for where, why in sorted(failing.items()))

@@ -29,9 +29,9 @@ class ShardResult:
     cached_tokens: int = 0
     started_s: float = 0.0  # wall clock (time.time()) on the worker
     ended_s: float = 0.0
-    # Per request, from real engines (empty from SimEngine):
+    # Per request:
     prompt_tokens: tuple[int, ...] = ()  # as the engine counted them
-    cached_per_request: tuple[int, ...] = ()  # vLLM's num_cached_tokens
+    cached_per_request: tuple[int, ...] = ()  # served from the prefix cache (vLLM's num_cached_tokens)
     output_token_ids: tuple[tuple[int, ...], ...] = ()
     report: EngineReport | None = None  # the device's state as the shard ended
 

@@ -52,6 +52,7 @@ class ShardOutcome:
     prompt_tokens: int
     cached_tokens: int
     output_tokens: tuple[int, ...]
+    cached_per_request: tuple[int, ...]  # prompt tokens each request found in the prefix cache
 
 
 @dataclass(eq=False, slots=True)
@@ -83,6 +84,7 @@ class _ShardRun:
     prompt_tokens: int
     cached_tokens: int = 0
     prefilled_s: float = 0.0
+    cached_per_request: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -157,7 +159,8 @@ class ModelledEngine:
         outs = [self.draws.output_tokens(shard.workflow_id, shard.stage_id, i, shard.expected_output_tokens,
                                          shard.max_tokens) for i in shard.request_indices]
         prompts = shard.prompt_tokens
-        run = _ShardRun(cmd, now_s, max(now_s, eng.ready_at_s), kind, outs, len(outs), sum(prompts))
+        run = _ShardRun(cmd, now_s, max(now_s, eng.ready_at_s), kind, outs, len(outs), sum(prompts),
+                        cached_per_request=[0] * len(outs))
         for pos, (tokens, hashes) in enumerate(zip(prompts, shard.block_hashes)):
             eng.waiting.append(_Request(run, pos, tokens, hashes, outs[pos]))
         eng.window = None
@@ -371,6 +374,7 @@ class ModelledEngine:
             r.prefill_left = r.prompt_tokens - cached
             if not r.recomputed:
                 r.run.cached_tokens += cached
+                r.run.cached_per_request[r.pos] = cached
             eng.prefilling.append(r)
 
     def _finish_request(self, eng: _ModelEngine, r: _Request, end_s: float, done: list) -> None:
@@ -386,7 +390,7 @@ class ModelledEngine:
             prefilled = max(run.prefilled_s, run.ready_s)
             outcome = ShardOutcome(run.start_s, end_s, run.activation, run.ready_s - run.start_s,
                                    prefilled - run.ready_s, end_s - prefilled, run.prompt_tokens, run.cached_tokens,
-                                   tuple(run.outputs))
+                                   tuple(run.outputs), tuple(run.cached_per_request))
             done.append((shard, outcome))
 
     # -- what a worker reports -------------------------------------------------------------------------------------

@@ -51,7 +51,9 @@ class SimEngine:
         texts = tuple(f"[{shard.model} on {cmd.device_id}] {shard.stage_id}#{i}: {n} tokens"
                       for i, n in zip(shard.request_indices, outcome.output_tokens))
         phases = {"activation": outcome.activation_s, "prefill": outcome.prefill_s, "decode": outcome.decode_s}
-        return ShardResult(outcome.output_tokens, texts, phases, outcome.cached_tokens, started, time.time())
+        # Per request, as a real engine reports them: the planner compares its predicted prefix hits with these.
+        return ShardResult(outcome.output_tokens, texts, phases, outcome.cached_tokens, started, time.time(),
+                           prompt_tokens=shard.prompt_tokens, cached_per_request=outcome.cached_per_request)
 
     async def load_model(self, cmd: LoadModel) -> None:
         _, done = self.device.load(cmd, self._model_now_s())

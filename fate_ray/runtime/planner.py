@@ -106,8 +106,9 @@ class PlannerActor:
         self.seed = seed
         estimator = CostEstimator(cluster, Calibration())
         self.timer = self._make_timer(policy, estimator)
+        # Every engine reports each request's prefix hits, so the planner predicts them (the drift metric).
         self.controller = Controller(cluster, self.timer, estimator, queue_order=queue_order, prefetch=prefetch,
-                                     predict_cache_hits=engine == "vllm")
+                                     predict_cache_hits=True)
         self.policy_name = policy
         self.metrics = PlannerMetrics(name)
         self._gauge_task: asyncio.Task | None = None

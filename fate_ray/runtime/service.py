@@ -6,6 +6,11 @@ none), `fate-ray down` stops them. They outlive every job, so the workers keep t
 prefix caches between jobs, and the planner keeps its belief about them: a second job finds its models resident.
 An embedded local run (no `RAY_ADDRESS`) starts the same actors scoped to that run instead.
 
+Where a worker runs: on a cluster whose Ray nodes declare `fate-node:<node>` resources (the deploy/ manifests do,
+one per node of the cluster YAML, as many as its devices), each device's worker is pinned to its node, so devices
+the planner models as sharing a node (and its fast links) really do. Without them (a local head) a worker only asks
+for one GPU.
+
 A job's lifetime reaches the planner through a `JobToken`, a tiny actor the job's driver owns: Ray kills it with
 its owner (a finished driver, a driver stopped by `ray job stop`), the planner's pending call on it fails, and the
 planner cancels that job's unfinished workflows and forgets them. Other jobs' work is untouched.
@@ -28,6 +33,7 @@ from fate_ray.schema.cluster import ClusterSpec
 
 NAMESPACE = "fate"
 WORKER_START_TIMEOUT_S = 120.0
+NODE_RESOURCE_PREFIX = "fate-node:"
 
 
 class ServiceError(ValueError):
@@ -58,11 +64,14 @@ def start_actors(cluster: ClusterSpec, cfg: ServiceConfig, *, detached: bool = F
     once get the same actors). Otherwise scoped to this driver, named with `name_suffix` in its own namespace.
     """
     options: dict = {"namespace": NAMESPACE, "lifetime": "detached", "get_if_exists": True} if detached else {}
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    offered = ray.cluster_resources()
+    gpus = int(offered.get("GPU", 0))
     if gpus < len(cluster.devices):
         raise ServiceError(f"cluster {cluster.name!r} has {len(cluster.devices)} devices but Ray offers {gpus} GPU(s): "
                            "start Ray with at least that many GPUs (--num-gpus) or pass a smaller --cluster")
-    workers = {d.device_id: GpuWorker.options(name=worker_name(d.device_id) + name_suffix, **options).remote(
+    placement = worker_resources(cluster, offered)
+    workers = {d.device_id: GpuWorker.options(name=worker_name(d.device_id) + name_suffix,
+                                              resources=placement[d.device_id], **options).remote(
         cluster, d.device_id, cfg.engine, cfg.time_scale, cfg.fail_stages, cfg.draws) for d in cluster.devices}
     try:
         ray.get([w.ping.remote() for w in workers.values()], timeout=WORKER_START_TIMEOUT_S)
@@ -81,6 +90,29 @@ def start_actors(cluster: ClusterSpec, cfg: ServiceConfig, *, detached: bool = F
                            f"{info['cluster'].name!r}, policy {info['policy']!r} and engine {info['engine']!r}: run "
                            "again to attach to it")
     return planner, workers
+
+
+def node_resource(node: str) -> str:
+    """The Ray custom resource that marks the Ray node standing for `node` of the cluster YAML."""
+    return NODE_RESOURCE_PREFIX + node
+
+
+def worker_resources(cluster: ClusterSpec, offered: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Ray resources each device's worker asks for beyond its GPU: one unit of its node's `fate-node:<node>` when
+    the Ray cluster declares such resources, else none. A cluster that declares them must declare every node of
+    the YAML with at least as many units as the node has devices; otherwise workers would wait forever."""
+    if not any(key.startswith(NODE_RESOURCE_PREFIX) for key in offered):
+        return {d.device_id: {} for d in cluster.devices}
+    for node in cluster.nodes:
+        need = sum(group.count for group in node.devices)
+        have = offered.get(node_resource(node.name), 0)
+        if have < need:
+            raise ServiceError(
+                f"cluster {cluster.name!r} node {node.name!r} has {need} device(s) but Ray offers {have:g} of the "
+                f"resource {node_resource(node.name)!r}: start that node's Ray with "
+                f"--resources='{{\"{node_resource(node.name)}\": {need}}}' (see deploy/) or pass the --cluster "
+                "that matches this Ray cluster")
+    return {d.device_id: {node_resource(d.node): 1} for d in cluster.devices}
 
 
 def find_planner():
