@@ -67,7 +67,8 @@ def cmd_simulate(args) -> int:
     workflows = [load_workflow(f, cluster)[1] for f in args.files] * args.copies
     instances = arrivals(workflows, args.arrival, CostEstimator(cluster), args.seed, args.utilisation)
     config = SimConfig(seed=args.seed, **controller_options(args))
-    res = simulate(cluster, instances, args.policy, config, record_trace=bool(args.trace))
+    decisions: list[dict] | None = [] if args.explain else None
+    res = simulate(cluster, instances, args.policy, config, record_trace=bool(args.trace), decisions=decisions)
     print(f"policy {args.policy}, seed {args.seed}, {len(instances)} workflows on {cluster.name}, queue order "
           f"{config.queue_order}, prefetch {'on' if config.prefetch else 'off'}")
     print(f"makespan {res.makespan_s:.1f} s, P95 latency {res.p95_s:.1f} s, prefix hits "
@@ -79,7 +80,36 @@ def cmd_simulate(args) -> int:
         with open(args.trace, "w") as fh:
             for row in res.trace_rows("cli"):
                 fh.write(json.dumps(row) + "\n")
+    if decisions is not None:
+        from fate_ray.explain import write_decisions
+
+        n = write_decisions(decisions, Path(args.explain))
+        print(f"{n} placement decisions in {args.explain} (`fate-ray explain {args.explain}`)")
     return 1 if res.failed else 0
+
+
+def cmd_explain(args) -> int:
+    from fate_ray.explain import lookahead_changed, read_decisions
+    from fate_ray.explain_table import print_decisions
+
+    records = read_decisions(Path(args.file))
+    chosen = [r for r in records if (args.workflow is None or r["workflow"] == args.workflow)
+              and (args.stage is None or r["stage"] == args.stage)]
+    if not chosen:
+        raise ValueError(f"{args.file}: no decision for workflow {args.workflow or '*'} stage {args.stage or '*'} "
+                         "(`fate-ray explain FILE` lists them)")
+    console = make_console()
+    changed = [r for r in chosen if lookahead_changed(r)]
+    scored = [r for r in chosen if r["candidates"]]
+    console.print(f"{len(chosen)} placement(s) in {args.file}; {len(scored)} with scored candidates; the look-ahead "
+                  f"moved {len(changed)} away from the device that would finish them first")
+    if args.workflow is None and args.stage is None:
+        shown = (changed or scored or chosen)[: args.limit]
+        console.print(f"showing {len(shown)} (those the look-ahead moved first; --workflow W --stage S for one)")
+    else:
+        shown = chosen[: args.limit]
+    print_decisions(shown, console)
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -143,7 +173,7 @@ def cmd_run(args) -> int:
     planner, service_cluster, service_engine = _planner_for_run(args, cluster, shared, console)
     if (service_cluster, service_engine) != (cluster, engine):  # attached to a service that plans otherwise
         workflows = load_workflows(args.files, service_cluster, service_engine)
-    cfg = RunConfig(out_dir=Path(args.out), timeout_s=args.timeout)
+    cfg = RunConfig(out_dir=Path(args.out), timeout_s=args.timeout, explain=args.explain)
     return _report_run(run_workflows(workflows, cfg, planner, on_progress=_progress_printer(console)), cfg, console)
 
 
@@ -383,8 +413,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arrival", choices=["all_at_once", "poisson"], default="all_at_once")
     p.add_argument("--utilisation", type=float, default=0.7, help="target utilisation for Poisson arrivals")
     p.add_argument("--trace", help="write one JSON line per executed shard to this file")
+    p.add_argument("--explain", metavar="FILE", help="write one JSON line per placement: each candidate device's "
+                   "terms and the choice (read it with `fate-ray explain FILE`)")
     add_controller_options(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("explain", help="why each stage went where it did: candidate devices' terms, the choice and "
+                       "the runner-up, from a decisions file (`simulate --explain FILE`, `run --explain`)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--workflow", metavar="W", help="only this workflow's placements")
+    p.add_argument("--stage", metavar="S", help="only this stage's placements")
+    p.add_argument("--limit", type=int, default=10, help="show at most this many placements (default 10)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("bench", help="compare policies on a benchmark suite")
     p.add_argument("--suite", choices=["smoke", "real-dag", "prefix-reuse", "agentic", "planner-scale", "runtime",
@@ -415,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "writes their outputs")
     p.add_argument("--out", default="results/run")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    p.add_argument("--explain", action="store_true", help="also write OUT/decisions.jsonl: each placement's "
+                   "candidate devices, their terms and the choice (read it with `fate-ray explain`)")
     add_service_options(p)
     p.set_defaults(func=cmd_run)
 

@@ -15,6 +15,7 @@ import pytest
 import ray
 from faults import kill_a_busy_worker
 
+from fate_ray.explain import read_decisions
 from fate_ray.runtime.driver import RunConfig, read_requests, run_workflows
 from fate_ray.runtime.service import ServiceConfig, start_actors
 from fate_ray.schema.cluster import load_cluster
@@ -137,13 +138,19 @@ def test_the_runtime_makes_the_simulators_assignments(ray_cluster, cluster, tmp_
     from fate_ray.sim.simulator import SimConfig, simulate
 
     wfs = examples(cluster, ["multiturn_chain"])
-    sim = simulate(cluster, wfs, "fate", SimConfig(seed=0, output_sigma=0.0, load_noise=False), record_trace=True)
+    sim_decisions: list[dict] = []
+    sim = simulate(cluster, wfs, "fate", SimConfig(seed=0, output_sigma=0.0, load_noise=False), record_trace=True,
+                   decisions=sim_decisions)
     expected = sorted((r["start_s"], r["stage"], r["device"]) for r in sim.trace_rows())
     cfg = ServiceConfig(policy="fate", time_scale=0.005, draws=Draws(0, 0.0, False))
     planner, workers = start_actors(cluster, cfg, name_suffix=f"-t{next(_suffix)}")
     try:
-        summary = run_workflows(wfs, RunConfig(out_dir=tmp_path), planner)
+        summary = run_workflows(wfs, RunConfig(out_dir=tmp_path, explain=True), planner)
         assert summary["failed"] == []
+        # `fate-ray run --explain`: the same decisions as the simulator's, each with FATE's candidate terms.
+        ray_decisions = read_decisions(tmp_path / "decisions.jsonl")
+        assert [(r["stage"], r["chosen"]) for r in ray_decisions] == [(r["stage"], r["chosen"]) for r in sim_decisions]
+        assert all(r["candidates"] for r in ray_decisions)
         shards = list({row["shard"]: row for row in read_requests(tmp_path, "multiturn-chain")}.values())
         got = {(s["stage"], s["device"]) for s in shards}
         assert got == {(stage, device) for _, stage, device in expected}

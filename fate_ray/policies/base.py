@@ -85,6 +85,11 @@ class Policy(ABC):
     def plan(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> Plan:
         """Place every request of every frontier stage on a live device that fits its model."""
 
+    def candidate_terms(self, stage: StageKey) -> list[dict]:
+        """For `fate-ray explain`: the candidate devices the last round scored for `stage`, with their terms in
+        seconds (fate_ray/explain.py names them); [] for a policy that scores no candidates."""
+        return []
+
     def candidates(self, snapshot: ClusterSnapshot, model: str) -> list[DeviceSnapshot]:
         """Live devices whose type fits `model`, in cluster order."""
         return [d for d in snapshot.devices if d.alive and self.cluster.fits(model, d.device.type)]
@@ -94,9 +99,11 @@ class PlanTimer:
     """Wraps a policy to time each round and keep its frontier size and solver status (clocks live in the shells,
     never in the Controller); `last` holds the latest (wall ms, frontier size, status)."""
 
-    def __init__(self, policy: Policy, keep_history: bool = True):
-        """`keep_history=False` (a long-lived planner): count rounds, keep no per-round list."""
+    def __init__(self, policy: Policy, keep_history: bool = True, observers: Sequence = ()):
+        """`keep_history=False` (a long-lived planner): count rounds, keep no per-round list. `observers` are called
+        with (snapshot, frontier, plan) after each round (fate_ray/explain.py's DecisionLog)."""
         self.policy = policy
+        self.observers = list(observers)
         self.keep_history = keep_history
         self.rounds = 0
         self.plan_ms: list[float] = []
@@ -115,6 +122,8 @@ class PlanTimer:
             self.plan_ms.append(ms)
         self.last = (ms, len(frontier), plan.solver_status)
         self.last_plan = plan
+        for observe in self.observers:
+            observe(snapshot, frontier, plan)
         return plan
 
 

@@ -73,6 +73,9 @@ class GuardedPolicy(Policy):
             return self._fall_back(snapshot, frontier, "INVALID", problem)
         return plan
 
+    def candidate_terms(self, stage):
+        return self.inner.candidate_terms(stage)
+
     def _fall_back(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage], kind: str, why: str) -> Plan:
         logger.error("policy %s: %s; this round falls back to least_loaded", self.name, why)
         plan = self.fallback.plan(snapshot, frontier)

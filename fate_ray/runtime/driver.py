@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError
 
+from fate_ray.explain import write_decisions
 from fate_ray.runtime.address import join_cluster
 from fate_ray.runtime.gantt import plot_gantt
 from fate_ray.runtime.service import JobToken
@@ -30,6 +31,7 @@ from fate_ray.workload import Workflow
 class RunConfig:
     out_dir: Path = Path("results/run")
     timeout_s: float = 600.0
+    explain: bool = False  # also write decisions.jsonl (fate_ray/explain.py)
 
 
 def connect(cluster: ClusterSpec) -> bool:
@@ -129,7 +131,7 @@ def run_workflows(workflows: Sequence[Workflow], cfg: RunConfig, planner, on_pro
     token = JobToken.remote()
     ray.get(planner.watch_job.remote(job, token))
     before = ray.get(planner.stats.remote())["model_events"]
-    ids = ray.get(planner.submit.remote(named, job))
+    ids = ray.get(planner.submit.remote(named, job, cfg.explain))
     mine = _wait(planner, job, token, ids, cfg, on_progress)
     return write_results(planner, dict(zip(ids, (wf.workflow_id for wf in local))), mine, cfg.out_dir, before)
 
@@ -166,7 +168,7 @@ def write_results(planner, ids: dict[str, str], progress: list[dict], out_dir: P
     `model_events_before`: the planner's model event counts when the run began (the summary gives the increase:
     loads, wakes and evictions on the service while the run ran, prefetches and other jobs' included)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    all_shards = []
+    all_shards, decisions = [], []
     activations: dict[str, dict[str, int]] = {}
     files = dict(zip(ids, (f"{stem}.jsonl" for stem in unique_stems(list(ids.values())))))
     lost = {p["workflow"] for p in progress if p["state"] == "lost"}
@@ -176,6 +178,7 @@ def write_results(planner, ids: dict[str, str], progress: list[dict], out_dir: P
             continue
         res = ask(planner.results, wid)
         all_shards += res["shards"]
+        decisions += res["decisions"]
         counts = activations[wid] = {"load": 0, "wake": 0}
         for shard in res["shards"]:
             if shard["activation"] in counts:
@@ -200,6 +203,8 @@ def write_results(planner, ids: dict[str, str], progress: list[dict], out_dir: P
                "prefix": prefix_summary(all_shards),
                "failed": [p["workflow"] for p in progress if p["state"] != "done"]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if decisions:
+        write_decisions(sorted(decisions, key=lambda r: r["t_s"]), out_dir / "decisions.jsonl")
     plot_gantt(all_shards, out_dir / "gantt.png", f"fate-ray run: {len(ids)} workflow(s)")
     ask(planner.release, list(ids))
     return summary

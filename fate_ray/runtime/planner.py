@@ -41,6 +41,7 @@ from fate_ray.events import (
     WorkflowReleased,
     WorkflowSubmitted,
 )
+from fate_ray.explain import DecisionLog
 from fate_ray.metrics import PlannerMetrics
 from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.policies.base import PlanTimer
@@ -134,8 +135,11 @@ class PlannerActor:
 
     def _make_timer(self, policy: str, estimator: CostEstimator) -> PlanTimer:
         # Guarded: a round that raises, stalls or returns a broken plan falls back to least_loaded (policies/guard.py).
-        return PlanTimer(GuardedPolicy(make_policy(policy, PolicyContext(self.cluster, estimator, self.seed))),
-                         keep_history=False)
+        guarded = GuardedPolicy(make_policy(policy, PolicyContext(self.cluster, estimator, self.seed)))
+        # Decision records of the workflows submitted with `explain` (fate-ray run --explain); not journaled, so a
+        # restarted planner explains only the rounds after its restart.
+        self.decisions = DecisionLog(guarded)
+        return PlanTimer(guarded, keep_history=False, observers=[self.decisions])
 
     def _now_s(self) -> float:
         return (time.monotonic() - self.t0) / self.time_scale
@@ -147,13 +151,16 @@ class PlannerActor:
         return {"cluster": self.cluster, "policy": self.policy_name, "engine": self.engine,
                 "time_scale": self.time_scale, "devices": len(self.workers)}
 
-    async def submit(self, workflows: list[Workflow], job: str = "") -> list[str]:
+    async def submit(self, workflows: list[Workflow], job: str = "", explain: bool = False) -> list[str]:
+        """`explain`: keep each placement's decision record for `results` (fate_ray/explain.py)."""
         await self._ensure_started()
         ids = []
         for wf in workflows:
             if wf.workflow_id in self.workflows:
                 raise ValueError(f"workflow id {wf.workflow_id!r} is already running on this planner")
             self.workflows[wf.workflow_id] = WorkflowRecord(time.time(), job)
+            if explain:
+                self.decisions.workflows.add(wf.workflow_id)
             self._journal(("workflow", wf.workflow_id, job, self.workflows[wf.workflow_id].submitted_s))
             try:
                 await self._handle(WorkflowSubmitted(wf.with_arrival(wf.workflow_id, self._now_s()), self._now_s()))
@@ -248,7 +255,8 @@ class PlannerActor:
         shards = [vars(s) for s in self.shards.values() if s.workflow_id == workflow_id and s.status == "done"]
         stages = {sid: {"outputs": dict(st.outputs), "output_tokens": dict(st.output_tokens)}
                   for sid, st in status.outputs[workflow_id].items()}
-        return {"stages": stages, "shards": shards, "failed": status.workflows[workflow_id].failure_reason}
+        return {"stages": stages, "shards": shards, "failed": status.workflows[workflow_id].failure_reason,
+                "decisions": [r for r in self.decisions.records if r["workflow"] == workflow_id]}
 
     async def release(self, workflow_ids: list[str]) -> None:
         """The driver has written these workflows' results: forget them here and in the Controller."""
@@ -261,6 +269,7 @@ class PlannerActor:
 
     def _forget(self, wid: str) -> None:
         self.workflows.pop(wid, None)
+        self.decisions.take(wid)
         for shard_id in [k for k, s in self.shards.items() if s.workflow_id == wid and s.status != "running"]:
             del self.shards[shard_id]
 

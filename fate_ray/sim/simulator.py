@@ -32,6 +32,7 @@ from fate_ray.events import (
     WorkflowDone,
     WorkflowSubmitted,
 )
+from fate_ray.explain import DecisionLog
 from fate_ray.policies import PolicyContext, make_policy
 from fate_ray.policies.base import PlanTimer
 from fate_ray.schema.cluster import ClusterSpec
@@ -121,10 +122,13 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def simulate(cluster: ClusterSpec, workflows: Sequence[Workflow], policy: str, config: SimConfig = SimConfig(),
-             record_trace: bool = False) -> SimResult:
-    """Run `workflows` (with their arrival times) to completion under `policy`."""
+             record_trace: bool = False, decisions: list[dict] | None = None) -> SimResult:
+    """Run `workflows` (with their arrival times) to completion under `policy`; `decisions`: a list to append
+    every placement's decision record to (fate_ray/explain.py)."""
     estimator = CostEstimator(cluster, Calibration(enabled=config.calibrate))
-    timed = PlanTimer(make_policy(policy, PolicyContext(cluster, estimator, config.seed, reproducible=True)))
+    planner = make_policy(policy, PolicyContext(cluster, estimator, config.seed, reproducible=True))
+    log = DecisionLog(planner, every=True, records=decisions) if decisions is not None else None
+    timed = PlanTimer(planner, observers=[log] if log else ())
     controller = Controller(cluster, timed, estimator, queue_order=config.queue_order, prefetch=config.prefetch)
     draws = config.draws()
     page_caches: dict[str, set[str]] = {node.name: set() for node in cluster.nodes}
