@@ -63,13 +63,14 @@ class RoundModel:
         self._add_objective()
 
     def _big_m_ms(self) -> int:
-        """An upper bound on any finish time this round (big-M)."""
-        worst = 0.0
+        """An upper bound on any finish time this round (big-M), from the same rounded milliseconds the
+        constraints use: every candidate's activation and work on one device behind the longest queue."""
+        worst_ms = 0
         for cands in self.cands.values():
             for c in cands:
-                worst += c.terms.activation_s + c.terms.service_s
-        queue = max((c.terms.queue_s for cs in self.cands.values() for c in cs), default=0.0)
-        return _ms(queue + worst) + 1
+                worst_ms += _ms(c.terms.activation_s) + _ms(c.per_request_s) * c.num_requests
+        queue_ms = max((_ms(c.terms.queue_s) for cs in self.cands.values() for c in cs), default=0)
+        return queue_ms + worst_ms + 1
 
     def _add_assignment(self) -> None:
         m, cfg = self.m, self.cfg
@@ -103,20 +104,24 @@ class RoundModel:
                     self.m.add_implication(self.x[(s.key, c.device_id)], self.load[key])     # (4) paid once
 
     def _add_memory(self) -> None:
+        """(5) Each load this round must fit beside the resident models that survive it (`keep`). A device runs its
+        queue in order, so two loads on it need not fit together (the second evicts the first after its stages
+        ran), and a model busy now is evictable once its shards end: every ACTIVE model gets a `keep`, and a load
+        that fits the device alone is always possible. The model is therefore feasible for any assignment, the
+        greedy one included."""
         models = self.cluster.models
         for dev in self.snapshot.devices:
             d = dev.device.device_id
             loads = [(m, v) for (m, dd), v in self.load.items() if dd == d]
             if not loads:
                 continue
-            busy = sum(models[m].footprint_gib for m in sorted(dev.busy_models) if dev.state_of(m) == "ACTIVE")
-            idle = [m for m, r in dev.residency.items() if r == "ACTIVE" and m not in dev.busy_models]
-            for m in idle:
+            resident = sorted(m for m, r in dev.residency.items() if r == "ACTIVE")
+            for m in resident:
                 self.keep[(m, d)] = self.m.new_bool_var(f"keep[{m},{d}]")
-            capacity = int((dev.memory_gib - busy) * MIB_PER_GIB)
-            self.m.add(sum(int(models[m].footprint_gib * MIB_PER_GIB) * v for m, v in loads)
-                       + sum(int(models[m].footprint_gib * MIB_PER_GIB) * self.keep[(m, d)] for m in idle)
-                       <= capacity)                                                        # (5) memory fits
+            capacity = int(dev.memory_gib * MIB_PER_GIB)
+            kept = sum(int(models[m].footprint_gib * MIB_PER_GIB) * self.keep[(m, d)] for m in resident)
+            for m, load in loads:
+                self.m.add(int(models[m].footprint_gib * MIB_PER_GIB) * load + kept <= capacity)      # (5)
 
     def _add_finish_times(self) -> None:
         m, big = self.m, self.big_m_ms

@@ -19,13 +19,13 @@ ev[m,d] the reload cost of idle model m on d if evicted while other pending stag
 max rank; K max shards; mu min shard.
     variables  x[s,d] in {0,1}, r[s,d] in [0, R_s]       stage s runs r requests on d
                load[m,d] in {0,1}                          m is activated on d this round
-               keep[m,d] in {0,1}                          idle ACTIVE model m stays on d
+               keep[m,d] in {0,1}                          ACTIVE model m (idle or busy) survives the round on d
                T_d, Z, F_s >= 0                            device finish, round makespan, stage finish
     (1) sum_d r[s,d] = R_s                                 every request placed
     (2) mu x[s,d] <= r[s,d] <= R_s x[s,d]                  (shardable) / r[s,d] = R_s x[s,d] (otherwise)
     (3) sum_d x[s,d] <= K                                  (shardable) / sum_d x[s,d] = 1 (otherwise)
     (4) load[m(s),d] >= x[s,d]        when act[m(s),d] > 0: a load is paid once per (model, device)
-    (5) sum_m mem_m load[m,d] + sum_m mem_m keep[m,d] <= memory_d - memory of busy models
+    (5) mem_m load[m,d] + sum_m' mem_m' keep[m',d] <= memory_d   for each load: it fits beside what stays
     (6) c_d T_d >= c_d q_d + c_d sum_m act[m,d] load[m,d] + sum_s p[s,d] r[s,d]
     (7) Z >= T_d
     (8) F_s >= T_d - M (1 - x[s,d])
@@ -40,7 +40,10 @@ A round with one stage on one candidate, or only unsplittable single-candidate s
 
 Choices where the paper is silent: a stage's finish in the model is its device's round finish (8), pessimistic
 for stages dispatched first, which rank order makes the critical ones; evictions follow LRU in the engine, the
-model only decides whether memory allows a load; a `defer` option is not implemented (every ready stage is placed).
+model only decides which resident models a load may evict (5): loads on one device are sequential (each evicts
+what it must once the stages before it ran) and a busy model is evictable once its shards end, so (5) never makes
+a round infeasible, and the greedy assignment is always a feasible warm start; a `defer` option is not
+implemented (every ready stage is placed).
 """
 
 from __future__ import annotations
