@@ -97,6 +97,26 @@ def contract_breaker():
     registry._REGISTRY.pop(LeavesAllUnplaced.name)
 
 
+def test_fate_takes_its_settings_in_its_name(tiny_cluster):
+    ctx = PolicyContext(tiny_cluster, CostEstimator(tiny_cluster))
+    swept = make_policy("fate:lam=0.5,horizon_hops=1", ctx)
+    assert (swept.cfg.lam, swept.cfg.horizon_hops, swept.cfg.solver) == (0.5, 1, "cpsat")
+    ablation = make_policy("fate-greedy:lam=2", ctx)  # a variant's own setting stays
+    assert (ablation.cfg.lam, ablation.cfg.solver) == (2.0, "greedy")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("fate:lamb=1", "policy 'fate:lamb=1': lamb: Extra inputs are not permitted"),
+    ("fate:lam=-1", "policy 'fate:lam=-1': lam: Input should be greater than or equal to 0"),
+    ("fate:lam", "policy 'fate:lam': settings are key=value pairs separated by commas, e.g. fate:lam=0.5"),
+    ("heft:lam=1", "policy 'heft' takes no settings (in 'heft:lam=1'); FATE and its variants do"),
+])
+def test_bad_policy_settings_are_refused_in_one_sentence(tiny_cluster, name, message):
+    with pytest.raises(ValueError) as err:
+        make_policy(name, PolicyContext(tiny_cluster, CostEstimator(tiny_cluster)))
+    assert str(err.value) == message
+
+
 def test_a_policy_that_breaks_the_plan_contract_is_a_bug_not_a_user_error(contract_breaker, monkeypatch):
     """`fate-ray simulate` lets the PlanContractError through (traceback, exit 1) instead of printing
     `error: ...` and exiting 2 as for a typo in YAML."""

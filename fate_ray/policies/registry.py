@@ -1,8 +1,14 @@
-"""Policy registry: `make_policy("heft", ctx)`; modules register their classes on import."""
+"""Policy registry: `make_policy("heft", ctx)`; modules register their classes on import.
+
+A policy with settings (FATE: `FateConfig`) also takes them in its name, `fate:lam=0.5,horizon_hops=1`, so a sweep
+is a list of names on the command line (`fate-ray bench --policies fate,fate:lam=0.5`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+import yaml
+from pydantic import ValidationError
 
 from fate_ray.policies.base import Policy, PolicyContext
 
@@ -43,13 +49,37 @@ def policy_names() -> list[str]:
 
 
 def check_policy_names(names: Iterable[str]) -> None:
-    """Raise ValueError naming the first unknown policy and every known one (before any work starts)."""
+    """Raise ValueError naming the first unknown policy (and every known one) or bad setting, before any work."""
     _load_builtin()
     for name in names:
-        if name not in _REGISTRY:
-            raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+        _resolve(name)
 
 
 def make_policy(name: str, ctx: PolicyContext) -> Policy:
-    check_policy_names([name])
-    return _REGISTRY[name](ctx)
+    cls, config = _resolve(name)
+    return cls(ctx, config=config) if config is not None else cls(ctx)
+
+
+def _resolve(name: str):
+    """`fate:lam=0.5` -> (the `fate` class, its config with lam 0.5); `heft` -> (the class, None)."""
+    _load_builtin()
+    base, _, spec = name.partition(":")
+    if base not in _REGISTRY:
+        raise ValueError(f"unknown policy {base!r}; known: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[base]
+    if not spec:
+        return cls, None
+    config = getattr(cls, "config", None)
+    if config is None:
+        raise ValueError(f"policy {base!r} takes no settings (in {name!r}); FATE and its variants do")
+    settings = {}
+    for item in spec.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"policy {name!r}: settings are key=value pairs separated by commas, e.g. fate:lam=0.5")
+        settings[key.strip()] = yaml.safe_load(value)
+    try:
+        return cls, type(config)(**{**config.model_dump(), **settings})
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise ValueError(f"policy {name!r}: {'.'.join(map(str, problem['loc']))}: {problem['msg']}") from None
