@@ -5,10 +5,11 @@ status, the stage, the devices chosen (with their request counts) and, for a pol
 each candidate device's terms in seconds, named as FATE.md names them:
 
     immediate  queue wait + activation (load or wake) + service: the estimated finish of the stage there
-    residency  look-ahead: what the placement's loads and evictions cost the stages that follow (lam-weighted)
-    locality   look-ahead: children continuing this stage's context find it there (lam-weighted; < 0 = a saving)
-    prefix     look-ahead: stages sharing its leading prompt text find it cached there (lam-weighted)
-    future     residency + locality + prefix
+    residency  look-ahead: the descendants' loads and wakes (and reloads of what the placement evicts)
+    locality   look-ahead: descendants continuing this stage's context find it there (< 0 = a saving)
+    prefix     look-ahead: descendants sharing its leading prompt text find it cached there
+    occupancy  look-ahead: the descendants' ready, wait and service times
+    future     residency + locality + prefix + occupancy, lam-weighted, over the stage's best candidate (>= 0)
     reach      the penalty for occupying a device few devices can replace for the models still pending
     score      immediate + future + reach: what the solver weighs (with the round's makespan and stage finishes)
 
@@ -25,7 +26,7 @@ from pathlib import Path
 from fate_ray.policies.base import Plan, Policy, ReadyStage
 from fate_ray.state import ClusterSnapshot
 
-TERMS = ("immediate", "residency", "locality", "prefix", "future", "reach", "score")
+TERMS = ("immediate", "residency", "locality", "prefix", "occupancy", "future", "reach", "score")
 
 
 def decision_records(policy: Policy, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage], plan: Plan) -> list[dict]:
@@ -116,7 +117,8 @@ def verdict(record: dict) -> str:
     if winner is None or not others:
         return f"placed on {chosen}, its only candidate"
     runner = others[0]
-    diffs = {t: runner[t] - winner[t] for t in ("immediate", "residency", "locality", "prefix", "reach")}
+    diffs = {t: runner[t] - winner[t] for t in ("immediate", "residency", "locality", "prefix", "occupancy", "reach")
+             if t in winner and t in runner}
     decisive = max(diffs, key=lambda t: diffs[t])
     margin = runner["score"] - winner["score"]
     if abs(margin) < 0.005 and max(abs(v) for v in diffs.values()) < 0.005:

@@ -43,7 +43,8 @@ def test_candidates_carry_fates_terms_and_add_up(run):
         assert any(c["device"] in r["chosen"] for c in r["candidates"])
         for c in r["candidates"]:
             assert set(TERMS) <= set(c)
-            assert c["future"] == pytest.approx(c["residency"] + c["locality"] + c["prefix"], abs=1e-3)
+            assert c["future"] == pytest.approx(c["residency"] + c["locality"] + c["prefix"] + c["occupancy"],
+                                                abs=1e-3)
             assert c["score"] == pytest.approx(c["immediate"] + c["future"] + c["reach"], abs=1e-3)
             assert c["immediate"] == pytest.approx(c["queue"] + c["activation"] + c["service"], abs=1e-3)
 

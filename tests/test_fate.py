@@ -24,6 +24,7 @@ from fate_ray.policies.fate.config import FateConfig
 from fate_ray.policies.fate.cpsat import PrefixPair, RoundModel
 from fate_ray.policies.fate.greedy import RoundLedger, greedy_counts
 from fate_ray.policies.fate.planner import FatePolicy
+from fate_ray.policies.fate.rollout import horizon
 from fate_ray.policies.fate.scoring import Candidate, Scorer, Terms
 from fate_ray.policies.fate.validate import InvalidPlan, validate_plan
 from fate_ray.prefetch import generic_prefetch
@@ -372,13 +373,21 @@ def continued_stage() -> ReadyStage:
     return stage("p", dag=dag, prompt_tokens=400)
 
 
-def test_a_child_continuing_the_stage_makes_the_locality_future_a_saving(tiny_cluster):
+def test_a_child_continuing_the_stage_finds_its_context_where_it_ran(tiny_cluster):
+    """The rollout places the child where p ran (its 410-token context is cached there) and counts the saving:
+    410 / 100 tok/s = 4.1 s on a fast device, 8.2 s on a slow one, weighted by rank(c) / rank(p) = 0.5. A slow
+    device's own saving is larger, but the child still runs on its slow speed: the fast devices win."""
     snap = snapshot(tiny_cluster, **{n: {"residency": {"a": "ACTIVE"}} for n in NAMES.values()})
-    terms = scores(tiny_cluster, snap, [continued_stage()])
-    # On a fast device the child would prefill p's 410-token context from cache: 410 / 100 tok/s = 4.1 s saved.
-    assert terms[("p", G0)].future_locality_s == pytest.approx(-4.1)
-    assert all(terms[("p", d)].future_locality_s < 0 for d in NAMES)
-    off = scores(tiny_cluster, snap, [continued_stage()], locality=False)
+    p = continued_stage()
+    scorer = Scorer(FateConfig(), tiny_cluster, CostEstimator(tiny_cluster))
+    scorer.score(snap, [p])  # builds the round's rollout
+    stages = horizon(p, 2, 8, tiny_cluster)
+    options = {h.stage_id: scorer._options(p.dag, h, [d for d in snap.devices]) for h in stages}
+    g0 = next(d for d in snap.devices if d.device.device_id == G0)
+    assert scorer.rollout.cost(p, g0, 5.0, 2.5, (), stages, options).locality_s == pytest.approx(-0.5 * 4.1)
+    terms = scores(tiny_cluster, snap, [p])
+    assert min(terms, key=lambda k: terms[k].immediate_s + terms[k].future_s)[1] in (G0, G1)
+    off = scores(tiny_cluster, snap, [p], locality=False)
     assert all(off[("p", d)].future_locality_s == 0.0 for d in NAMES)
 
 

@@ -92,12 +92,13 @@ class FatePolicy(Policy):
         out = []
         for c in self.last_scores.get(stage, ()):
             t = c.terms
-            residency, locality, prefix = (lam * (t.eviction_s + t.future_residency_s), lam * t.future_locality_s,
-                                           lam * t.future_prefix_s)
+            residency, locality, prefix, occupancy = (lam * (t.eviction_s + t.future_residency_s),
+                                                      lam * t.future_locality_s, lam * t.future_prefix_s,
+                                                      lam * t.future_occupancy_s)
             out.append({"device": c.device_id, "immediate": t.immediate_s, "residency": residency,
-                        "locality": locality, "prefix": prefix, "future": residency + locality + prefix,
-                        "reach": t.reach_s, "score": c.score_s, "queue": t.queue_s, "activation": t.activation_s,
-                        "service": t.service_s})
+                        "locality": locality, "prefix": prefix, "occupancy": occupancy,
+                        "future": residency + locality + prefix + occupancy, "reach": t.reach_s, "score": c.score_s,
+                        "queue": t.queue_s, "activation": t.activation_s, "service": t.service_s})
         return out
 
     def _assign(self, snapshot, frontier, cands) -> tuple[Counts, str]:

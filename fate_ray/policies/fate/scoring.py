@@ -1,14 +1,14 @@
-"""Horizon-aware, state-conditional candidate scoring: `score(s, d) = immediate(s, d) + lam * future(s, d)`.
+"""Horizon-aware, state-conditional candidate scoring: `score(s, d) = immediate(s, d) + lam * future(s, d) + reach`.
 
 immediate = queue wait on d + activation of m(s) on d (0 / wake / load) + service (transfer + prefill with d's
             prefix hits + batched decode), i.e. the estimated finish time of s on d, relative to now.
-future    = sum over horizon stages c of s (descendants within H hops, weight 1/hops) of
-            [c's best estimated cost after placing s on d] - [c's best estimated cost without it],
-            where placing s on d changes only d: d is busy for s's work; m(s) is ACTIVE there (and the models it
-            evicts are not: their reload shows up); s's prompt + output blocks are in d's cache for m(s), so a
-            child that continues s (locality) or shares s's leading prompt text (prefix) gets prefill hits on d.
-            The best cost of c is min over devices of (wait once c is ready + activation + service).
-            Plus the eviction term: reloading models that other frontier or horizon stages need, evicted by s.
+future    = what placing s on d costs s's descendants (within H hops) over the best candidate for s, measured by a
+            greedy rollout of them from the state the placement induces (rollout.py): d busy for s's work, m(s)
+            ACTIVE there and what it evicts gone, s's context and leading prompt text cached on d; each descendant
+            placed where it would finish first in that state, in order, weighted by its critical-path rank. Split
+            into residency (activations), locality (continued contexts), prefix (shared leading text) and
+            occupancy (the descendants' ready, wait and service times). Plus the eviction term: reloading models
+            that other frontier stages need, evicted by s.
 reach     = a penalty for occupying d when d is one of the few devices that fit a model other pending stages
             need: occupancy of d by s x sum over such models of 1 / (devices that fit it).
 Each state dimension is a separate term (`Terms`), so the ablations switch one off by a setting.
@@ -23,10 +23,10 @@ from fate_ray.cost import CostEstimator, RequestShape, cached_tokens_in_batch, t
 from fate_ray.events import StageKey
 from fate_ray.policies.base import ReadyStage
 from fate_ray.policies.fate.config import FateConfig
+from fate_ray.policies.fate.rollout import ZERO, HorizonStage, Rollout, RolloutCost, horizon
 from fate_ray.progress import DagInfo
 from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.state import ClusterSnapshot, DeviceSnapshot, Residency
-from fate_ray.workload import ContextPart, TextPart
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,7 @@ class Terms:
     future_prefix_s: float
     future_residency_s: float
     reach_s: float
+    future_occupancy_s: float = 0.0
 
     @property
     def immediate_s(self) -> float:
@@ -48,7 +49,8 @@ class Terms:
 
     @property
     def future_s(self) -> float:
-        return self.eviction_s + self.future_locality_s + self.future_prefix_s + self.future_residency_s
+        return (self.eviction_s + self.future_locality_s + self.future_prefix_s + self.future_residency_s
+                + self.future_occupancy_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,16 +73,6 @@ class Candidate:
         return self.terms.service_s / self.num_requests
 
 
-@dataclass(frozen=True, slots=True)
-class _Horizon:
-    stage_id: str
-    weight: float
-    model: str
-    num_requests: int
-    context_tokens: int  # tokens of s's context it continues (0 if it does not continue s)
-    shared_tokens: int  # leading prompt tokens it shares with s
-
-
 class Scorer:
     def __init__(self, config: FateConfig, cluster: ClusterSpec, estimator: CostEstimator):
         self.cfg = config
@@ -93,16 +85,22 @@ class Scorer:
         # Per-round memos: the snapshot and the calibration do not change within a round.
         self._stage_memo: dict[tuple, tuple[float, float, float, float]] = {}
         self._activation_memo: dict[tuple[str, str, Residency], float] = {}
-        self._options_memo: dict[tuple[int, str], list[tuple[DeviceSnapshot, float, float, float]]] = {}
+        self._options_memo: dict[tuple[int, str], list[tuple]] = {}
         live = [d for d in snapshot.devices if d.alive]
-        horizons = {s.key: self._horizon(s) for s in frontier}
+        self.rollout = Rollout(self.cluster, live, snapshot.now_s)
+        cfg = self.cfg
+        horizons = {s.key: horizon(s, cfg.horizon_hops, cfg.horizon_max_stages, self.cluster) for s in frontier}
         # NOTE: sorted, not a set: float sums over it (reach) must not depend on the process's string hash seed.
         needed = sorted({s.model for s in frontier} | {h.model for hs in horizons.values() for h in hs})
         fit_count = {m: sum(self.cluster.fits(m, d.device.type) for d in live) for m in needed}
         out: dict[StageKey, list[Candidate]] = {}
         for s in frontier:
             devices = self._prefilter(s, [d for d in live if self.cluster.fits(s.model, d.device.type)], snapshot)
-            cands = [self._candidate(s, d, snapshot, live, horizons[s.key], needed, fit_count) for d in devices]
+            options = {h.stage_id: self._options(s.dag, h, live) for h in horizons[s.key]}
+            raw = [self._candidate(s, d, snapshot, live, horizons[s.key], options, needed, fit_count)
+                   for d in devices]
+            best = min((r for _, r in raw), key=lambda r: r.total_s, default=ZERO)
+            cands = [self._with_future(c, r.minus(best)) for c, r in raw]
             cands.sort(key=lambda c: (c.score_s, c.device_id))
             out[s.key] = cands[: self.cfg.top_k]
         return out
@@ -124,8 +122,9 @@ class Scorer:
         return [d for d in devices if id(d) in chosen]
 
     # -- one candidate ----------------------------------------------------------------------------------------------
-    def _candidate(self, s: ReadyStage, d: DeviceSnapshot, snapshot: ClusterSnapshot, live, horizon,
-                   needed: Sequence[str], fit_count: Mapping[str, int]) -> Candidate:
+    def _candidate(self, s: ReadyStage, d: DeviceSnapshot, snapshot: ClusterSnapshot, live, horizon_stages,
+                   options, needed: Sequence[str], fit_count: Mapping[str, int]) -> tuple[Candidate, RolloutCost]:
+        """The candidate without its look-ahead, and its raw rollout (compared with the stage's other candidates')."""
         cfg, now = self.cfg, snapshot.now_s
         dtype = d.device.type
         queue_s = max(0.0, d.free_at_s - now)
@@ -138,14 +137,10 @@ class Scorer:
                 if m in needed and not any(e.state_of(m) == "ACTIVE" for e in live if e is not d):
                     eviction_s += self._activation_s(m, d, assume="ABSENT")
         occupy_s = (activation_s + service_s) / d.concurrency
-        loc = pre = res = 0.0
+        rollout = ZERO
         if cfg.horizon_hops > 0:
-            finish_s = queue_s + activation_s + service_s
-            for h in horizon:
-                dl, dp, dr = self._future(s, d, h, live, now, finish_s, occupy_s, evicts)
-                loc += h.weight * dl
-                pre += h.weight * dp
-                res += h.weight * dr
+            rollout = self.rollout.cost(s, d, queue_s + activation_s + service_s, occupy_s, evicts, horizon_stages,
+                                        options)
         reach_s = 0.0
         if cfg.reach and cfg.horizon_hops > 0:
             n_live = len(live)
@@ -153,9 +148,19 @@ class Scorer:
                            if m != s.model and fit_count.get(m, 0) and fit_count[m] < n_live
                            and self.cluster.fits(m, dtype))
             reach_s = cfg.reach_weight * occupy_s * scarcity
-        terms = Terms(queue_s, activation_s, service_s, eviction_s, loc, pre, res, reach_s)
-        score = terms.immediate_s + cfg.lam * terms.future_s + reach_s
-        return Candidate(s.key, d.device.device_id, s.model, d.concurrency, terms, score, len(s.requests))
+        terms = Terms(queue_s, activation_s, service_s, eviction_s, 0.0, 0.0, 0.0, reach_s)
+        return Candidate(s.key, d.device.device_id, s.model, d.concurrency, terms, 0.0, len(s.requests)), rollout
+
+    def _with_future(self, c: Candidate, future: RolloutCost) -> Candidate:
+        """The candidate with its look-ahead: its rollout over the stage's best one, term by term (a dimension
+        switched off by a setting contributes nothing)."""
+        cfg = self.cfg
+        t = c.terms
+        terms = Terms(t.queue_s, t.activation_s, t.service_s, t.eviction_s,
+                      future.locality_s if cfg.locality else 0.0, future.prefix_s if cfg.prefix else 0.0,
+                      future.residency_s if cfg.residency else 0.0, t.reach_s, future.occupancy_s)
+        score = terms.immediate_s + cfg.lam * terms.future_s + terms.reach_s
+        return Candidate(c.stage, c.device_id, c.model, c.concurrency, terms, score, c.num_requests)
 
     def _service_s(self, s: ReadyStage, d: DeviceSnapshot) -> float:
         """Transfer + prefill (less d's prefix hits) + decode of the whole stage as one batch on d."""
@@ -185,104 +190,29 @@ class Scorer:
         return value
 
     # -- look-ahead -------------------------------------------------------------------------------------------------
-    def _horizon(self, s: ReadyStage) -> list[_Horizon]:
-        dag: DagInfo | None = s.dag
-        if dag is None or self.cfg.horizon_hops == 0:
-            return []
-        sid = s.key[1]
-        me = dag.stages[sid]
-        lead = me.prompts[0][0] if me.prompts and me.prompts[0] else None
-        out: list[_Horizon] = []
-        seen = {sid}
-        layer = [sid]
-        for hops in range(1, self.cfg.horizon_hops + 1):
-            nxt = []
-            for u in layer:
-                for c in dag.children[u]:
-                    if c not in seen:
-                        seen.add(c)
-                        nxt.append(c)
-            for c in nxt:
-                st = dag.stages[c]
-                first = st.prompts[0][0] if st.prompts and st.prompts[0] else None
-                context = 0
-                if isinstance(first, ContextPart) and first.parent == sid:
-                    context = dag.prompt_tokens[sid][first.item] + me.expected_output_tokens
-                shared = 0
-                if isinstance(lead, TextPart) and isinstance(first, TextPart) and first.key == lead.key:
-                    shared = lead.tokens
-                out.append(_Horizon(c, 1.0 / hops, st.model, st.num_requests, context, shared))
-            layer = nxt
-        out.sort(key=lambda h: -dag.ranks_s[h.stage_id])
-        return out[: self.cfg.horizon_max_stages]
-
-    def _child_service_s(self, dag: DagInfo, h: _Horizon, device_type: str) -> float:
+    def _child_service_s(self, dag: DagInfo, stage_id: str, device_type: str) -> float:
         """Stateless service time of a horizon stage on a device type, memoised on its DAG."""
-        key = ("fate.child_service_s", h.stage_id, device_type)
+        key = ("fate.child_service_s", stage_id, device_type)
         value = dag.memo.get(key)
         if value is None:
-            st = dag.stages[h.stage_id]
-            reqs = [RequestShape(t, (), st.expected_output_tokens) for t in dag.prompt_tokens[h.stage_id]]
+            st = dag.stages[stage_id]
+            reqs = [RequestShape(t, (), st.expected_output_tokens) for t in dag.prompt_tokens[stage_id]]
             cost = self.estimator.shard_cost(st.model, device_type, reqs, None)
             value = dag.memo[key] = cost.prefill_s + cost.decode_s
         return value
 
-    def _options(self, dag: DagInfo, h: _Horizon, live) -> list[tuple[DeviceSnapshot, float, float, float]]:
-        """Per round, the live devices that fit h's model, with (free at, activation, stateless service) there."""
+    def _options(self, dag: DagInfo, h: HorizonStage, live) -> list[tuple]:
+        """Per round, the live devices that fit h's model, as the rollout reads them: (device, concurrency,
+        activation now, activation after an eviction, stateless service, prefill seconds saved per cached token)."""
         key = (id(dag), h.stage_id)
         options = self._options_memo.get(key)
         if options is None:
             options = self._options_memo[key] = [
-                (e, e.free_at_s, self._activation_s(h.model, e), self._child_service_s(dag, h, e.device.type))
+                (e, e.concurrency, self._activation_s(h.model, e), self._activation_s(h.model, e, assume="ABSENT"),
+                 self._child_service_s(dag, h.stage_id, e.device.type), self._hit_s_per_token(h.model, e.device.type))
                 for e in live if self.cluster.fits(h.model, e.device.type)]
         return options
 
-    def _future(self, s: ReadyStage, d: DeviceSnapshot, h: _Horizon, live, now_s: float, ready_s: float,
-                occupy_s: float, evicts: Sequence[str]) -> tuple[float, float, float]:
-        """(locality, prefix, residency) parts of [best cost of h after s on d] - [best cost of h now];
-        `evicts`: the models that making s's model ACTIVE on d evicts."""
-        dag = s.dag
-        before_d = None
-        best_other = float("inf")
-        for e, free_at_s, act_s, service_s in self._options(dag, h, live):
-            cost = max(0.0, free_at_s - now_s - ready_s) + act_s + service_s
-            if e is d:
-                before_d = cost
-            else:
-                best_other = min(best_other, cost)
-        if before_d is None:
-            return 0.0, 0.0, 0.0  # h cannot run on d: placing s there changes nothing for h
-        best_before = min(before_d, best_other)
-        prof = self.estimator.profile(h.model, d.device.type)
-        hit_rate = prof.prefill_tok_s / self.estimator.calibration.factor(h.model, d.device.type, "prefill")
-        same_model = h.model == s.model
-        # The three state changes on d, each credited to its own dimension.
-        loc_gain = h.num_requests * h.context_tokens / hit_rate if same_model and self.cfg.locality else 0.0
-        shared = 0
-        if same_model and self.cfg.prefix:
-            shared = max(0, h.shared_tokens - d.cached_tokens(h.model, s.requests[0].block_hashes,
-                                                              self.cluster.block_tokens))
-        pre_gain = h.num_requests * shared / hit_rate
-        act_now = self._activation_s(h.model, d)
-        act_after = act_now
-        if self.cfg.residency:
-            if same_model:
-                act_after = 0.0
-            elif h.model in evicts:
-                act_after = self._activation_s(h.model, d, assume="ABSENT")
-        busy_s = max(0.0, d.free_at_s - now_s + occupy_s - ready_s) - max(0.0, d.free_at_s - now_s - ready_s)
-        after_d = before_d + busy_s + (act_after - act_now) - loc_gain - pre_gain
-        total = min(after_d, best_other) - best_before
-        if total == 0.0:
-            return 0.0, 0.0, 0.0
-        # Credit the change to the dimensions that pushed in its direction, in proportion to their raw effects.
-        return _attribute(total, (-loc_gain, -pre_gain, act_after - act_now + busy_s))
-
-
-def _attribute(total: float, parts: tuple[float, float, float]) -> tuple[float, float, float]:
-    """Split `total` over the parts that push in its direction, in proportion to their size."""
-    same_sign = [p if (p < 0) == (total < 0) else 0.0 for p in parts]
-    scale = sum(same_sign)
-    if scale == 0.0:
-        return (0.0, 0.0, total)
-    return tuple(total * p / scale for p in same_sign)  # type: ignore[return-value]
+    def _hit_s_per_token(self, model: str, device_type: str) -> float:
+        prof = self.estimator.profile(model, device_type)
+        return self.estimator.calibration.factor(model, device_type, "prefill") / prof.prefill_tok_s

@@ -1,0 +1,171 @@
+"""FATE's look-ahead as a greedy rollout: what placing frontier stage s on device d leaves its descendants.
+
+For a candidate (s, d) the rollout starts from the state the placement induces (d busy for s's work, m(s) ACTIVE on
+d and the models it evicts gone, s's context cached on d) and places the horizon stages (descendants within H hops,
+parents before children) one by one, each on the device where it would finish first *in the rollout's state*:
+
+    finish(h, e) = max(free_e, ready_h) + activation(m(h) on e) + service(h on e) - locality(h, e) - prefix(h, e)
+
+where ready_h is its parents' finish in the rollout (s's for a child of s), activation is 0 for a model the rollout
+has made ACTIVE on e (and a load for one it evicted), locality is the prefill a stage saves by continuing its
+parent's context on the device that parent ran on, and prefix the prefill saved on d for leading prompt text it
+shares with s. Placing h makes e busy for its work (spread over e's slots) and m(h) ACTIVE there, so siblings
+compete for devices and models as they will. The rollout's cost is sum_h w_h finish(h), with w_h = rank(h) /
+rank(s) (descendants on s's critical path weigh most), split into what made it: activation (residency), locality,
+prefix, and the rest (the descendants' ready, wait and service times: occupancy).
+
+Candidates of one stage are compared by their rollouts: the scorer subtracts the best candidate's, so `future` is
+what this choice costs the descendants over the best choice (>= 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from fate_ray.policies.base import ReadyStage
+from fate_ray.progress import DagInfo
+from fate_ray.schema.cluster import ClusterSpec
+from fate_ray.state import DeviceSnapshot
+from fate_ray.workload import ContextPart, TextPart
+
+
+@dataclass(frozen=True, slots=True)
+class HorizonStage:
+    """A descendant of the frontier stage, in rollout order (parents before children)."""
+
+    stage_id: str
+    model: str
+    weight: float  # rank(h) / rank(s)
+    parents: tuple[str, ...]  # its parents within the rollout (s or earlier horizon stages)
+    continues: str | None  # the rollout stage whose context its prompt continues
+    context_tokens: int  # tokens of that context (its prompt + expected output)
+    shared_tokens: int  # leading prompt tokens it shares with s
+    footprint_gib: float
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutCost:
+    """sum_h w_h finish(h), in seconds, and its parts."""
+
+    total_s: float
+    residency_s: float
+    locality_s: float
+    prefix_s: float
+    occupancy_s: float
+
+    def minus(self, other: RolloutCost) -> RolloutCost:
+        return RolloutCost(self.total_s - other.total_s, self.residency_s - other.residency_s,
+                           self.locality_s - other.locality_s, self.prefix_s - other.prefix_s,
+                           self.occupancy_s - other.occupancy_s)
+
+
+ZERO = RolloutCost(0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def horizon(s: ReadyStage, hops: int, max_stages: int, cluster: ClusterSpec) -> list[HorizonStage]:
+    """s's descendants within `hops`, the `max_stages` of highest rank, in an order where parents come first."""
+    dag: DagInfo | None = s.dag
+    if dag is None or hops == 0:
+        return []
+    sid = s.key[1]
+    lead = _first_part(dag, sid)
+    found: list[tuple[int, str]] = []
+    seen, layer = {sid}, [sid]
+    for hop in range(1, hops + 1):
+        nxt = [c for u in layer for c in dag.children[u] if c not in seen]
+        nxt = list(dict.fromkeys(nxt))
+        seen.update(nxt)
+        found += [(hop, c) for c in nxt]
+        layer = nxt
+    # The highest-ranked ones, then back in hop order (a parent is always fewer hops away than its child).
+    kept = sorted(found, key=lambda hc: -dag.ranks_s[hc[1]])[:max_stages]
+    kept.sort(key=lambda hc: hc[0])
+    inside = {sid} | {c for _, c in kept}
+    rank_s = dag.ranks_s[sid] or 1.0
+    out = []
+    for _, c in kept:
+        st = dag.stages[c]
+        first = _first_part(dag, c)
+        continues, context = None, 0
+        if isinstance(first, ContextPart) and first.parent in inside:
+            continues = first.parent
+            context = dag.prompt_tokens[first.parent][first.item] + dag.stages[first.parent].expected_output_tokens
+        shared = lead.tokens if isinstance(lead, TextPart) and isinstance(first, TextPart) and first.key == lead.key \
+            else 0
+        out.append(HorizonStage(c, st.model, dag.ranks_s[c] / rank_s, tuple(p for p in st.parents if p in inside),
+                                continues, context * st.num_requests, shared * st.num_requests,
+                                cluster.models[st.model].footprint_gib))
+    return out
+
+
+def _first_part(dag: DagInfo, stage_id: str):
+    prompts = dag.stages[stage_id].prompts
+    return prompts[0][0] if prompts and prompts[0] else None
+
+
+class Rollout:
+    """One planning round's rollouts. `options(h)` gives, per live device that fits h's model, its snapshot,
+    (free at, relative to now), activation of h's model there now, its reload after an eviction, h's stateless
+    service there and the prefill seconds per token saved on a hit."""
+
+    def __init__(self, cluster: ClusterSpec, live: Sequence[DeviceSnapshot], now_s: float):
+        self.cluster = cluster
+        self.live = live
+        self.now_s = now_s
+        self.free0 = {id(d): max(0.0, d.free_at_s - now_s) for d in live}
+        self.active0 = {id(d): frozenset(m for m, r in d.residency.items() if r == "ACTIVE") for d in live}
+
+    def cost(self, s: ReadyStage, d: DeviceSnapshot, finish_s: float, occupy_s: float, evicts: Sequence[str],
+             stages: Sequence[HorizonStage], options: Mapping[str, list[tuple]]) -> RolloutCost:
+        if not stages:
+            return ZERO
+        free = dict(self.free0)
+        free[id(d)] += occupy_s
+        active = dict(self.active0)
+        active[id(d)] = (active[id(d)] - set(evicts)) | {s.model}
+        evicted = {(id(d), m) for m in evicts}
+        finish = {s.key[1]: finish_s}
+        where = {s.key[1]: id(d)}
+        residency = locality = prefix = occupancy = 0.0
+        for h in stages:
+            if not options[h.stage_id]:
+                continue  # its model fits no live device: the Controller fails that workflow, not the planner
+            ready = max((finish[p] for p in h.parents if p in finish), default=finish_s)
+            best = None
+            for e, conc, act_now, act_cold, service, hit_s_per_token in options[h.stage_id]:
+                key = id(e)
+                act = 0.0 if h.model in active[key] else (act_cold if (key, h.model) in evicted else act_now)
+                loc = h.context_tokens * hit_s_per_token if h.continues and where.get(h.continues) == key else 0.0
+                pre = h.shared_tokens * hit_s_per_token if h.shared_tokens and key == id(d) else 0.0
+                start = max(free[key], ready)
+                done = start + act + max(0.0, service - loc - pre)
+                if best is None or done < best[0]:
+                    best = (done, e, conc, start, act, loc, pre, service)
+            done, e, conc, start, act, loc, pre, service = best
+            key = id(e)
+            free[key] = start + (act + max(0.0, service - loc - pre)) / conc
+            if h.model not in active[key]:
+                active[key] = self._make_room(e, active[key], h, evicted) | {h.model}
+            finish[h.stage_id] = done
+            where[h.stage_id] = key
+            w = h.weight
+            residency += w * act
+            locality -= w * min(loc, service)
+            prefix -= w * min(pre, max(0.0, service - loc))
+            occupancy += w * (start + service)
+        total = residency + locality + prefix + occupancy
+        return RolloutCost(total, residency, locality, prefix, occupancy)
+
+    def _make_room(self, e: DeviceSnapshot, active: frozenset, h: HorizonStage, evicted: set) -> frozenset:
+        """Models that stay when h's model becomes ACTIVE on e: the busy ones, then as many others as fit."""
+        models = self.cluster.models
+        room = e.memory_gib - h.footprint_gib
+        keep = []
+        for m in sorted(active, key=lambda m: (m not in e.busy_models, m)):
+            if models[m].footprint_gib <= room or m in e.busy_models:
+                keep.append(m)
+                room -= models[m].footprint_gib
+            else:
+                evicted.add((id(e), m))
+        return frozenset(keep)
