@@ -130,6 +130,7 @@ class RoundModel:
             for c in self.cands[s.key]:
                 per_device.setdefault(c.device_id, []).append(c)
         makespan = self.makespan = m.new_int_var(0, big, "makespan")
+        self._fixed_ms: dict = {}
         for d, cands in per_device.items():
             conc = cands[0].concurrency
             queue = _ms(cands[0].terms.queue_s)
@@ -142,12 +143,22 @@ class RoundModel:
                 if model not in seen:
                     seen.add(model)
                     load_ms.append(conc * ms * self.load[(model, d)])
-            m.add(conc * t >= conc * queue + sum(load_ms) + work)                           # (6) device finish
+            self._fixed_ms[d] = conc * queue + sum(load_ms)  # x conc: backlog and the round's loads on d
+            m.add(conc * t >= self._fixed_ms[d] + work)                                     # (6) device finish
             m.add(makespan >= t)                                                            # (7) makespan
-        for s in self.frontier:
+        # (8) A stage finishes once the work queued before it on its device is done: the backlog, the round's loads
+        # there, and the round's stages ahead of it in the device's queue order (oldest workflow first, then
+        # upward rank: the Controller's default), itself included, over the device's slots.
+        ahead: dict[str, list] = {}
+        for s in sorted(self.frontier, key=lambda s: (s.arrival_s, -s.rank_s, s.key)):
             f = self.finish_s[s.key] = m.new_int_var(0, big, f"F[{s.key}]")
             for c in self.cands[s.key]:
-                m.add(f >= self.finish_d[c.device_id] - big * (1 - self.x[(s.key, c.device_id)]))   # (8)
+                d = c.device_id
+                before = ahead.setdefault(d, [])
+                before.append(_ms(c.per_request_s) * self.r[(s.key, d)])
+                conc = c.concurrency
+                m.add(conc * f >= self._fixed_ms[d] + sum(before)
+                      - conc * big * (1 - self.x[(s.key, d)]))                                        # (8)
 
     def _add_prefix_pairs(self) -> None:
         self.z = []
@@ -162,10 +173,14 @@ class RoundModel:
 
     def _add_objective(self) -> None:
         cfg = self.cfg
+        now = self.snapshot.now_s
         max_rank = max((s.rank_s for s in self.frontier), default=0.0) or 1.0
+        max_age = max((now - s.arrival_s for s in self.frontier), default=0.0) or 1.0
         terms = [int(round(cfg.alpha * 100)) * self.makespan]
         for s in self.frontier:
-            weight = 100 + int(round(100 * s.rank_s / max_rank))  # critical-path stages weigh up to 2x
+            # Critical-path stages weigh up to 2x (makespan), the oldest workflow's up to 2x more (its latency: P95).
+            age = max(0.0, now - s.arrival_s)
+            weight = 100 + int(round(100 * s.rank_s / max_rank)) + int(round(100 * age / max_age))
             terms.append(weight * self.finish_s[s.key])
             for c in self.cands[s.key]:
                 offset_s = c.offset_s - cfg.lam * c.terms.eviction_s  # evictions are explicit (keep) here

@@ -16,7 +16,8 @@ of s; R_s requests of s; c_d concurrency of d; q_d its current backlog (ms); m(s
 act[m,d] load or wake time of m on d (ms, 0 if ACTIVE); p[s,d] service per request of s on d (ms);
 o[s,d] the candidate's look-ahead and reach terms (ms, lam-weighted, evictions excluded: they are explicit);
 ev[m,d] the reload cost of idle model m on d if evicted while other pending stages need it; w_s = 1 + rank_s /
-max rank; K max shards; mu min shard.
+max rank + age_s / max age (age: how long its workflow has been in the system); K max shards; mu min shard;
+s' <=_d s: s' is at or ahead of s in d's queue order (oldest workflow first, then upward rank).
     variables  x[s,d] in {0,1}, r[s,d] in [0, R_s]       stage s runs r requests on d
                load[m,d] in {0,1}                          m is activated on d this round
                keep[m,d] in {0,1}                          ACTIVE model m (idle or busy) survives the round on d
@@ -28,7 +29,7 @@ max rank; K max shards; mu min shard.
     (5) mem_m load[m,d] + sum_m' mem_m' keep[m',d] <= memory_d   for each load: it fits beside what stays
     (6) c_d T_d >= c_d q_d + c_d sum_m act[m,d] load[m,d] + sum_s p[s,d] r[s,d]
     (7) Z >= T_d
-    (8) F_s >= T_d - M (1 - x[s,d])
+    (8) c_d F_s >= c_d q_d + c_d sum_m act[m,d] load[m,d] + sum_{s' <=_d s} p[s',d] r[s',d] - c_d M (1 - x[s,d])
     (9) z[a,b,d] <= x[a,d], z[a,b,d] <= x[b,d]          for frontier pairs of one model sharing a prompt prefix
     minimise  alpha Z + sum_s w_s F_s + sum_{s,d} o[s,d] x[s,d] + sum ev[m,d] (1 - keep[m,d]) - sum bonus z
 Warm start: hints from the greedy assignment and from the previous round's values of variables that reappear
@@ -38,8 +39,9 @@ A round with one stage on one candidate, or only unsplittable single-candidate s
 (TRIVIAL). Frontiers larger than `max_cpsat_stages`: CP-SAT on the highest-ranked stages, greedy for the rest
 (DECOMPOSED), so planning time stays bounded.
 
-Choices where the paper is silent: a stage's finish in the model is its device's round finish (8), pessimistic
-for stages dispatched first, which rank order makes the critical ones; evictions follow LRU in the engine, the
+Choices where the paper is silent: a stage's finish (8) counts the work queued ahead of it on its device in the
+queue order (the backlog counted whole, the round's loads first), so old workflows' stages finish early and the
+w_s-weighted sum serves P95 while the makespan term serves makespan; evictions follow LRU in the engine, the
 model only decides which resident models a load may evict (5): loads on one device are sequential (each evicts
 what it must once the stages before it ran) and a busy model is evictable once its shards end, so (5) never makes
 a round infeasible, and the greedy assignment is always a feasible warm start; a `defer` option is not
