@@ -73,8 +73,11 @@ def run_planner_scale(base: ClusterSpec, policies: list[str], out_dir: Path, rou
     console = console or Console()
     results: dict = {"suite": "planner-scale", "sizes": {}}
     table = Table(title="planner-scale: plan() wall time per round", title_justify="left")
-    for col in ("policy", "stages x devices", "p50 ms", "p95 ms", "statuses"):
-        table.add_column(col, justify="right" if "ms" in col else "left")
+    smallest = f"{SIZES[0][0]}x{SIZES[0][1]}"
+    # The ratio to the smallest size does not depend on how fast the machine is; the milliseconds do.
+    for col in ("policy", "stages x devices", "p50 ms", "p95 ms", f"p95 / {smallest}", "statuses"):
+        table.add_column(col, justify="right" if "ms" in col or "/" in col else "left")
+    first_p95: dict[str, float] = {}
     for stages, devices in SIZES:
         cluster = scaled_cluster(base, devices)
         n_rounds = rounds if stages <= 256 else max(2, rounds // 4)
@@ -88,10 +91,12 @@ def run_planner_scale(base: ClusterSpec, policies: list[str], out_dir: Path, rou
                 times.append((time.perf_counter() - started) * 1000)
                 statuses[plan.solver_status or "-"] = statuses.get(plan.solver_status or "-", 0) + 1
             key = f"{stages}x{devices}"
+            p95 = percentile(times, 95)
+            ratio = p95 / first_p95.setdefault(name, p95) if first_p95.get(name, p95) > 0 else float("nan")
             results["sizes"].setdefault(key, {})[name] = {
-                "plan_ms_p50": percentile(times, 50), "plan_ms_p95": percentile(times, 95),
+                "plan_ms_p50": percentile(times, 50), "plan_ms_p95": p95, f"p95_over_{smallest}": ratio,
                 "solver_status": statuses, "rounds": n_rounds}
-            table.add_row(name, key, f"{percentile(times, 50):.1f}", f"{percentile(times, 95):.1f}",
+            table.add_row(name, key, f"{percentile(times, 50):.1f}", f"{p95:.1f}", f"{ratio:.1f}",
                           ", ".join(f"{k}:{v}" for k, v in sorted(statuses.items())))
     console.print(table)
     out_dir.mkdir(parents=True, exist_ok=True)
