@@ -202,7 +202,9 @@ def make_policy_variant(name: str, **settings) -> type[FatePolicy]:
 
 
 VARIANTS = {
-    "fate-h0": {"horizon_hops": 0},
+    # No look-ahead at all: neither the rollout of the descendants nor the prefetch of their models (the one
+    # look-ahead every policy gets from the Controller); `fate:horizon_hops=0` keeps the prefetch.
+    "fate-h0": {"horizon_hops": 0, "prefetch": False},
     "fate-no-residency": {"residency": False},
     "fate-no-locality": {"locality": False},
     "fate-no-prefix": {"prefix": False},
