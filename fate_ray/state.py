@@ -11,7 +11,8 @@ that cannot sleep (vLLM on CPU) only knows ACTIVE and ABSENT.
 
 from __future__ import annotations
 
-from collections import deque
+import sys
+from collections import OrderedDict
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -45,13 +46,7 @@ def block_hashes(segments: Sequence[Segment], block_tokens: int) -> tuple[int, .
     out: list[int] = []
     carry: _Carry = (0, (), 0, 0)
     for seg in segments:
-        step = _SEGMENT_STEPS.get((carry, seg.key, seg.tokens, block_tokens))
-        if step is None:
-            step = _hash_segment(carry, seg, block_tokens)
-            if len(_SEGMENT_STEPS) >= _MAX_MEMO:
-                _SEGMENT_STEPS.clear()
-            _SEGMENT_STEPS[(carry, seg.key, seg.tokens, block_tokens)] = step
-        runs, carry = step
+        runs, carry = _SEGMENT_STEPS.step(carry, seg, block_tokens)
         out.extend(runs)
     return tuple(out)
 
@@ -74,9 +69,43 @@ def chain_blocks(hashes: Sequence[int]) -> int:
 
 # (hash of the last run, pieces of the open block, tokens in the open block, blocks so far)
 _Carry = tuple[int, tuple[tuple[int, int, int], ...], int, int]
-# NOTE: memoised per segment because the same segments (system prompts, a parent's context) start many prompts.
-_SEGMENT_STEPS: dict[tuple, tuple[tuple[int, ...], _Carry]] = {}
-_MAX_MEMO = 200_000
+
+
+class _SegmentMemo:
+    """`_hash_segment` memoised per (carry, segment): an LRU of at most `capacity` steps.
+
+    NOTE: memoised because the same segments (system prompts, a parent's context) start many prompts. Bounded,
+    because keys name each workflow's own outputs: a memo cleared only at 200,000 entries held about 30 entries
+    (400 bytes each) for every workflow the planner had seen. An exact LRU rather than generations, so that once
+    full it holds a constant `capacity` entries. A step is a pure function of its key, so the bound changes no
+    hash, only how often one is recomputed.
+    """
+
+    __slots__ = ("capacity", "_steps")
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._steps: OrderedDict[tuple, tuple[tuple[int, ...], _Carry]] = OrderedDict()
+
+    def step(self, carry: _Carry, seg: Segment, block_tokens: int) -> tuple[tuple[int, ...], _Carry]:
+        """The runs `seg` completes after `carry`, and the carry after it."""
+        key = (carry, seg.key, seg.tokens, block_tokens)
+        step = self._steps.get(key)
+        if step is not None:
+            self._steps.move_to_end(key)
+            return step
+        step = self._steps[key] = _hash_segment(carry, seg, block_tokens)
+        if len(self._steps) > self.capacity:
+            self._steps.popitem(last=False)
+        return step
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+
+# 2,048 steps (under 1 MiB): twice the size from which the agentic suite (long, growing contexts) runs as fast as
+# with an unbounded memo.
+_SEGMENT_STEPS = _SegmentMemo(2048)
 
 
 def _hash_segment(carry: _Carry, seg: Segment, block_tokens: int) -> tuple[tuple[int, ...], _Carry]:
@@ -136,100 +165,84 @@ class PrefixCache:
     a run is always older than every run of its own prefix. So eviction never removes a prefix while keeping its
     extension, the cache stays prefix-closed, and `match_blocks` can binary-search.
 
-    NOTE: recency is a tick per run plus a tick-ordered log of touches (stale entries are skipped when they
-    reach the head), because moving every touched entry in an OrderedDict dominated the simulator's time.
+    NOTE: one OrderedDict of run -> blocks it adds to its prefix, least recently used first, because the
+    planner's belief lives as long as the planner and fills up to the devices' KV capacity: about 140 bytes a run
+    beside its hash in the load bench, half what a tick per run plus a log of touches held, and no slower
+    (moving a touched entry and popping the oldest are O(1) in C).
     """
 
-    __slots__ = ("capacity_blocks", "_tick", "_weight", "_blocks", "_log_ticks", "_log_runs", "_next_tick")
+    __slots__ = ("capacity_blocks", "_runs", "_blocks")
 
     def __init__(self, capacity_blocks: int, runs: Iterable[int] = ()):
         self.capacity_blocks = capacity_blocks
-        self._tick: dict[int, int] = {}
-        self._weight: dict[int, int] = {}  # blocks a run adds to its prefix
+        self._runs: OrderedDict[int, int] = OrderedDict()  # run -> blocks it adds to its prefix, least recent first
         self._blocks = 0
-        # The touch log, in increasing tick order, as two parallel deques (no tuple per touch).
-        self._log_ticks: deque[int] = deque()
-        self._log_runs: deque[int] = deque()
-        self._next_tick = 0
         # Given least recently used first, as `runs()` returns them, out of chain order: a run's own size is taken
         # as at most MAX_RUN_BLOCKS (exact for every run but a chain's short ones).
-        self._restore((h, min(blocks_through(h), MAX_RUN_BLOCKS)) for h in runs)
+        self._touch((h, min(blocks_through(h), MAX_RUN_BLOCKS)) for h in runs)
         self._evict_over_capacity()
 
     def match_blocks(self, hashes: Sequence[int]) -> int:
         """Full blocks of the longest prefix of `hashes` held (a run is only useful after its predecessors)."""
-        return matched_blocks(self._tick, hashes)
+        return matched_blocks(self._runs, hashes)
 
-    def _add(self, h: int, weight: int) -> None:
-        if h not in self._weight:
-            self._weight[h] = weight
-            self._blocks += weight
-
-    def _restore(self, weighted_runs: Iterable[tuple[int, int]]) -> None:
-        """Add (run, blocks) pairs given least recently used first."""
-        ordered = []
+    def _touch(self, weighted_runs: Iterable[tuple[int, int]]) -> None:
+        """Make (run, blocks) pairs, given least recently used first, the most recently used (a run already held
+        keeps its size)."""
+        held = self._runs
+        added = 0
         for h, blocks in weighted_runs:
-            self._add(h, blocks)
-            ordered.append(h)
-        self._touch(ordered)
-
-    def _touch(self, ordered: Sequence[int]) -> None:
-        base = self._next_tick
-        ticks = range(base, base + len(ordered))
-        self._tick.update(zip(ordered, ticks))
-        self._log_ticks.extend(ticks)
-        self._log_runs.extend(ordered)
-        self._next_tick = base + len(ordered)
+            if h in held:
+                held.move_to_end(h)
+            else:
+                held[h] = blocks
+                added += blocks
+        self._blocks += added
 
     def insert(self, hashes: Sequence[int]) -> int:
         """Touch or add a chain's runs as most recently used (the head of the prompt most recent of all); returns
         how many blocks were evicted to make room."""
         if not hashes:
             return 0
-        for h, blocks in zip(hashes, run_sizes(hashes)):
-            self._add(h, blocks)
-        self._touch(hashes[::-1])
-        evicted = self._evict_over_capacity()
-        if len(self._log_ticks) > 4 * len(self._tick) + 64:
-            live = sorted((t, h) for h, t in self._tick.items())
-            self._log_ticks = deque(t for t, _ in live)
-            self._log_runs = deque(h for _, h in live)
-        return evicted
+        self._touch(zip(reversed(hashes), reversed(run_sizes(hashes))))
+        return self._evict_over_capacity()
 
     def _evict_over_capacity(self) -> int:
         evicted = 0
-        tick, weight = self._tick, self._weight
-        pop_tick, pop_run = self._log_ticks.popleft, self._log_runs.popleft
-        while self._blocks > self.capacity_blocks and self._log_ticks:
-            t, h = pop_tick(), pop_run()
-            if tick.get(h) == t:  # else a stale entry: the run was touched again later
-                del tick[h]
-                w = weight.pop(h)
-                self._blocks -= w
-                evicted += w
+        held = self._runs
+        while self._blocks > self.capacity_blocks and held:
+            blocks = held.popitem(last=False)[1]
+            self._blocks -= blocks
+            evicted += blocks
         return evicted
 
     def discard(self, hashes: Iterable[int]) -> None:
-        """Forget runs the engine evicted (their stale touches in the log are skipped later)."""
+        """Forget runs the engine evicted."""
         for h in hashes:
-            if self._tick.pop(h, None) is not None:
-                self._blocks -= self._weight.pop(h)
+            blocks = self._runs.pop(h, None)
+            if blocks is not None:
+                self._blocks -= blocks
 
     def runs(self) -> tuple[int, ...]:
         """Runs from least to most recently used."""
-        return tuple(h for h, _ in sorted(self._tick.items(), key=lambda kv: kv[1]))
+        return tuple(self._runs)
 
     def copy(self) -> PrefixCache:
         twin = PrefixCache(self.capacity_blocks)
-        twin._restore((h, self._weight[h]) for h in self.runs())
+        twin._runs = self._runs.copy()
+        twin._blocks = self._blocks
         return twin
+
+    def footprint_bytes(self) -> int:
+        """Bytes held: the ordered table and the runs' hashes (the load bench reports the planner's belief)."""
+        return sys.getsizeof(self._runs) + sum(map(sys.getsizeof, self._runs))
 
     def __len__(self) -> int:
         """Blocks held."""
         return self._blocks
 
     def __contains__(self, h: int) -> bool:
-        return h in self._tick
+        return h in self._runs
 
 
 @dataclass(frozen=True, slots=True)

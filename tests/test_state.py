@@ -84,6 +84,14 @@ def test_hashes_are_the_same_on_every_call_and_depend_on_the_block_size():
     assert block_hashes(segments, 16)[0] not in block_hashes(segments, B)
 
 
+def test_hashes_are_the_same_after_the_bounded_memo_forgot_their_segments():
+    prompt = [seg(1, 10), seg(2, 7), seg(3, 40)]
+    first = block_hashes(prompt, B)
+    for k in range(10_000):  # far more distinct segments (each workflow's outputs are new) than the memo keeps
+        block_hashes([seg(100 + k, 5)], B)
+    assert block_hashes(prompt, B) == first
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # PrefixCache (capacity in blocks of B = 4 tokens)
 #

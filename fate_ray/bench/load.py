@@ -9,9 +9,12 @@ Three parts, each policy in turn:
   duplicated outputs counted from the written records;
 - memory: a planner (Controller + policy, as the planner actor holds them) taking `memory_workflows` workflows in
   batches, every shard finished at once (`drive.finish_everything`) and every finished workflow released as
-  drivers do; traced Python memory after 10% of them and after all, in total and without what `state.py`
-  allocates (the belief's prefix caches: LRU sets that fill up to the engines' KV capacity, bounded by design, and
-  reported as blocks held / capacity). The rest must stay flat (within 10%), not grow with history.
+  drivers do, in a fresh process of its own (so nothing of the other parts or policies is counted), run twice:
+  once under tracemalloc for the traced Python memory, once untraced for the process's resident set size (RSS,
+  what the Ray dashboard shows as the planner's memory; it includes the imported libraries). Both are taken
+  after 10%, 50% and 100% of the workflows. The traced figure is split into the planner's belief of the
+  engines' prefix caches (LRU sets bounded by the devices' KV capacity, so they grow until full and then stay,
+  reported with blocks held / capacity) and the rest, which must not grow with history.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ from __future__ import annotations
 import gc
 import json
 import math
+import multiprocessing
+import os
 import tracemalloc
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -57,14 +64,31 @@ def simulator_load(cluster: ClusterSpec, policy: str, n: int) -> dict:
             "duplicated": ctl.stats.duplicate_finishes}
 
 
-def memory_load(cluster: ClusterSpec, policy: str, n: int) -> dict:
-    """Traced memory (MiB) of a planner after 10% and after 100% of `n` workflows have completed and been released."""
+def memory_marks(n: int) -> list[int]:
+    """Completed workflows after which memory is measured: 10%, 50% and 100% of `n`, in whole batches."""
+    return sorted({max(BATCH, round(n * f / BATCH) * BATCH) for f in (0.1, 0.5)} | {n})
+
+
+def rss_mib() -> float:
+    """This process's resident set size in MiB (Linux; NaN where /proc is missing)."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return math.nan
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_run(cluster: ClusterSpec, policy: str, n: int, traced: bool) -> dict:
+    """A planner taking `n` workflows in batches, each released once finished; at each of `memory_marks(n)`, its
+    memory: traced (MiB, None unless `traced`), of which its prefix-cache belief, and the process's RSS (MiB)."""
     estimator = CostEstimator(cluster, Calibration())
     timer = PlanTimer(make_policy(policy, PolicyContext(cluster, estimator)), keep_history=False)
     ctl = Controller(cluster, timer, estimator)
     base = example_workflows(cluster)
-    marks: dict[int, tuple[float, float]] = {max(BATCH, n // 10): (0.0, 0.0), n: (0.0, 0.0)}
-    tracemalloc.start()
+    marks = memory_marks(n)
+    rows: list[dict] = []
+    if traced:
+        tracemalloc.start()
     now_s, done_total = 0.0, 0
     try:
         while done_total < n:
@@ -77,22 +101,50 @@ def memory_load(cluster: ClusterSpec, policy: str, n: int) -> dict:
             for d in done:
                 ctl.handle(WorkflowReleased(d.workflow_id, now_s))
             done_total += len(done)
-            if done_total in marks:
+            if len(rows) < len(marks) and done_total >= marks[len(rows)]:
                 gc.collect()
-                stats = tracemalloc.take_snapshot().statistics("filename")
-                total = sum(s.size for s in stats) / 2**20
-                caches = sum(s.size for s in stats if s.traceback[0].filename.endswith("fate_ray/state.py")) / 2**20
-                marks[done_total] = (total, total - caches)
+                caches = [c for dev in ctl.devices.values() for c in dev.state.caches.values()]
+                rows.append({"workflows": done_total,
+                             "traced_mib": tracemalloc.get_traced_memory()[0] / 2**20 if traced else None,
+                             "belief_mib": sum(c.footprint_bytes() for c in caches) / 2**20,
+                             "rss_mib": rss_mib(),
+                             "prefix_blocks_held": sum(len(c) for c in caches),
+                             "prefix_blocks_capacity": sum(c.capacity_blocks for c in caches)})
     finally:
-        tracemalloc.stop()
-    (first, first_rest), (last, last_rest) = marks.values()
-    caches = [c for dev in ctl.devices.values() for c in dev.state.caches.values()]
-    return {"workflows": n, "memory_mib_at_10pct": first, "memory_mib_at_end": last,
-            "memory_mib_without_caches_at_10pct": first_rest, "memory_mib_without_caches_at_end": last_rest,
-            "growth_without_caches": last_rest / first_rest - 1 if first_rest else math.nan,
-            "prefix_blocks_held": sum(len(c) for c in caches),
-            "prefix_blocks_capacity": sum(c.capacity_blocks for c in caches),
-            "kept_workflows": len(ctl.workflows)}
+        if traced:
+            tracemalloc.stop()
+    return {"marks": rows, "kept_workflows": len(ctl.workflows)}
+
+
+def memory_load(cluster: ClusterSpec, policy: str, n: int) -> dict:
+    """The planner's memory after 10%, 50% and 100% of `n` workflows have completed and been released: traced
+    (MiB) in total, of its prefix-cache belief and the rest, and the RSS of an untraced twin run; each run in a
+    fresh process."""
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        traced, untraced = pool.map(partial(memory_run, cluster, policy, n), (True, False))
+    rows = traced["marks"]
+    for row, twin in zip(rows, untraced["marks"], strict=True):
+        row["rest_mib"] = row["traced_mib"] - row["belief_mib"]
+        row["rss_mib"] = twin["rss_mib"]  # tracemalloc's own tables would inflate the traced run's RSS
+
+    def growth(key: str) -> float:
+        return rows[-1][key] / rows[0][key] - 1 if rows[0][key] else math.nan
+
+    return {"workflows": n, "marks": rows, "memory_mib_at_end": rows[-1]["traced_mib"],
+            "growth_traced": growth("traced_mib"), "growth_without_caches": growth("rest_mib"),
+            "growth_rss": growth("rss_mib"), "kept_workflows": traced["kept_workflows"]}
+
+
+def memory_summary(policy: str, m: dict) -> str:
+    """One line of `memory_load`'s figures, at each mark."""
+    def figures(key: str, fmt: str = "{:.1f}") -> str:
+        return " / ".join(fmt.format(mark[key]) for mark in m["marks"])
+
+    return (f"{policy} planner memory after {figures('workflows', '{:,}')} workflows: traced {figures('traced_mib')} "
+            f"MiB ({m['growth_traced']:+.1%}), of which the prefix-cache belief {figures('belief_mib')} MiB and the "
+            f"rest {figures('rest_mib')} MiB ({m['growth_without_caches']:+.1%}); RSS {figures('rss_mib')} MiB "
+            f"({m['growth_rss']:+.1%}); prefix blocks held {figures('prefix_blocks_held', '{:,}')} of "
+            f"{m['marks'][-1]['prefix_blocks_capacity']:,}; {m['kept_workflows']} workflows kept")
 
 
 def ray_load(cluster: ClusterSpec, policy: str, n: int, out_dir: Path) -> dict:
@@ -120,13 +172,7 @@ def run_load(cluster: ClusterSpec, policies: list[str], out_dir: Path, console: 
                           f"{r['dispatch_overhead_ms_p50']:.2f} ms p95 {r['dispatch_overhead_ms_p95']:.2f} ms, "
                           f"{r['shards_per_s']:.0f} shards/s, lost {r['lost']}, duplicated {r['duplicated']}")
         row["memory"] = memory_load(cluster, policy, memory_workflows)
-        m = row["memory"]
-        console.print(f"{policy} memory after {m['workflows'] // 10:,} / {m['workflows']:,} workflows: "
-                      f"{m['memory_mib_at_10pct']:.1f} / {m['memory_mib_at_end']:.1f} MiB; without the prefix-cache "
-                      f"belief {m['memory_mib_without_caches_at_10pct']:.1f} / "
-                      f"{m['memory_mib_without_caches_at_end']:.1f} MiB ({m['growth_without_caches']:+.1%}); "
-                      f"prefix blocks held {m['prefix_blocks_held']:,} of {m['prefix_blocks_capacity']:,}; "
-                      f"{m['kept_workflows']} workflows kept")
+        console.print(memory_summary(policy, row["memory"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
