@@ -101,8 +101,9 @@ def read_decisions(path: Path) -> list[dict]:
 
 
 def primary(record: dict) -> str:
-    """The device that got most of the stage's requests."""
-    return max(record["chosen"].items(), key=lambda kv: (kv[1], kv[0]))[0]
+    """The device that got most of the stage's requests (of equals, the best scored)."""
+    score = {c["device"]: c["score"] for c in record["candidates"]}
+    return min(record["chosen"].items(), key=lambda kv: (-kv[1], score.get(kv[0], 0.0), kv[0]))[0]
 
 
 def verdict(record: dict) -> str:
@@ -122,18 +123,25 @@ def verdict(record: dict) -> str:
     decisive = max(diffs, key=lambda t: diffs[t])
     margin = runner["score"] - winner["score"]
     if abs(margin) < 0.005 and max(abs(v) for v in diffs.values()) < 0.005:
-        return f"{chosen} and {runner['device']} tie on every term ({winner['score']:.2f} s): the first was taken"
-    text = (f"{chosen} won (score {winner['score']:.2f} s); runner-up {runner['device']} would have cost "
-            f"{runner['score']:.2f} s ({margin:+.2f} s), mostly {decisive} ({diffs[decisive]:+.2f} s)")
-    best_now = min(cands, key=lambda c: c["immediate"])
-    if best_now["device"] != chosen:
+        text = f"{chosen} and {runner['device']} tie on every term ({winner['score']:.2f} s): the first was taken"
+    else:
+        text = (f"{chosen} won (score {winner['score']:.2f} s); runner-up {runner['device']} would have cost "
+                f"{runner['score']:.2f} s ({margin:+.2f} s), mostly {decisive} ({diffs[decisive]:+.2f} s)")
+    if lookahead_changed(record):
+        best_now = min(cands, key=lambda c: c["immediate"])
         text += f"; the look-ahead overrode {best_now['device']}, the earliest finish now"
-    elif margin < 0:
+    elif margin < -0.005:
         text += "; the joint round chose it over a lower score (device finish times, shared loads)"
     return text
 
 
 def lookahead_changed(record: dict) -> bool:
-    """The chosen device is not the one with the earliest immediate finish."""
+    """The scores (look-ahead and reach included) put a device the stage went to ahead of the one with the earliest
+    immediate finish, and none of the stage's devices is that earliest one (ties count as earliest)."""
     cands = record["candidates"]
-    return bool(cands) and min(cands, key=lambda c: c["immediate"])["device"] != primary(record)
+    chosen = [c for c in cands if c["device"] in record["chosen"]]
+    if not chosen:
+        return False
+    earliest = min(cands, key=lambda c: (c["immediate"], c["score"]))
+    return (min(c["immediate"] for c in chosen) > earliest["immediate"] + 1e-3
+            and min(c["score"] for c in chosen) <= earliest["score"] + 1e-3)
