@@ -84,3 +84,14 @@ def test_a_restored_controller_replays_to_the_same_state_and_reruns_what_was_in_
     assert sorted((d.workflow_id, d.ok) for d in done) == [("w1", True), ("w2", True)]
     assert restored.status().stats.duplicate_finishes == 0
     restored.validate_state()
+
+
+def test_a_snapshot_another_version_wrote_is_refused_in_one_sentence(tmp_path):
+    (tmp_path / "snapshot.pkl").write_bytes(b"\x80\x05not a pickle of ours")
+    try:
+        Journal(tmp_path).load()
+    except ValueError as exc:
+        assert str(exc).startswith(f"{tmp_path / 'snapshot.pkl'}: the planner state there cannot be read")
+        assert "empty --state-dir" in str(exc)
+    else:
+        raise AssertionError("an unreadable snapshot was accepted")

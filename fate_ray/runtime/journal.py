@@ -70,8 +70,13 @@ class Journal:
         """(the snapshot or None, the records written after it)."""
         state = None
         if self.snapshot_path.exists():
-            with open(self.snapshot_path, "rb") as fh:
-                state = pickle.load(fh)
+            try:
+                with open(self.snapshot_path, "rb") as fh:
+                    state = pickle.load(fh)
+            except Exception as exc:  # noqa: BLE001 -- any unreadable snapshot gets the same one-sentence answer
+                raise ValueError(f"{self.snapshot_path}: the planner state there cannot be read "
+                                 f"({type(exc).__name__}), most likely written by another fate-ray version: finish "
+                                 "its workflows with that version, or start with an empty --state-dir") from None
         records = []
         data = self.log_path.read_bytes() if self.log_path.exists() else b""
         pos = 0
