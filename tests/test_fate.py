@@ -391,7 +391,7 @@ def test_a_child_continuing_the_stage_finds_its_context_where_it_ran(tiny_cluste
     p = continued_stage()
     scorer = Scorer(FateConfig(), tiny_cluster, CostEstimator(tiny_cluster))
     scorer.score(snap, [p])  # builds the round's rollout
-    stages = horizon(p, 2, 8, tiny_cluster)
+    stages = horizon(p, FateConfig(), tiny_cluster)
     options = {h.stage_id: scorer._options(p.dag, h, [d for d in snap.devices]) for h in stages}
     g0 = next(d for d in snap.devices if d.device.device_id == G0)
     assert scorer.rollout.cost(p, g0, 5.0, 2.5, (), stages, options).locality_s == pytest.approx(-0.5 * 4.1)

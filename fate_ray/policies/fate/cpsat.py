@@ -130,7 +130,7 @@ class RoundModel:
             for c in self.cands[s.key]:
                 per_device.setdefault(c.device_id, []).append(c)
         makespan = self.makespan = m.new_int_var(0, big, "makespan")
-        self._fixed_ms: dict = {}
+        fixed_ms: dict = {}  # per device, x its concurrency: the backlog and the round's loads there
         for d, cands in per_device.items():
             conc = cands[0].concurrency
             queue = _ms(cands[0].terms.queue_s)
@@ -143,22 +143,19 @@ class RoundModel:
                 if model not in seen:
                     seen.add(model)
                     load_ms.append(conc * ms * self.load[(model, d)])
-            self._fixed_ms[d] = conc * queue + sum(load_ms)  # x conc: backlog and the round's loads on d
-            m.add(conc * t >= self._fixed_ms[d] + work)                                     # (6) device finish
+            fixed_ms[d] = conc * queue + sum(load_ms)
+            m.add(conc * t >= fixed_ms[d] + work)                                           # (6) device finish
             m.add(makespan >= t)                                                            # (7) makespan
         # (8) A stage finishes once the work queued before it on its device is done: the backlog, the round's loads
         # there, and the round's stages ahead of it in the device's queue order (oldest workflow first, then
         # upward rank: the Controller's default), itself included, over the device's slots.
-        ahead: dict[str, list] = {}
+        ahead = dict(fixed_ms)  # per device: that plus the work of the stages placed ahead so far, x concurrency
         for s in sorted(self.frontier, key=lambda s: (s.arrival_s, -s.rank_s, s.key)):
             f = self.finish_s[s.key] = m.new_int_var(0, big, f"F[{s.key}]")
             for c in self.cands[s.key]:
-                d = c.device_id
-                before = ahead.setdefault(d, [])
-                before.append(_ms(c.per_request_s) * self.r[(s.key, d)])
-                conc = c.concurrency
-                m.add(conc * f >= self._fixed_ms[d] + sum(before)
-                      - conc * big * (1 - self.x[(s.key, d)]))                                        # (8)
+                d, conc = c.device_id, c.concurrency
+                ahead[d] = ahead[d] + _ms(c.per_request_s) * self.r[(s.key, d)]
+                m.add(conc * f >= ahead[d] - conc * big * (1 - self.x[(s.key, d)]))                   # (8)
 
     def _add_prefix_pairs(self) -> None:
         self.z = []

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fate_ray.policies.base import ReadyStage
+from fate_ray.policies.fate.config import FateConfig
 from fate_ray.progress import DagInfo
 from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.state import DeviceSnapshot
@@ -63,23 +64,31 @@ class RolloutCost:
 ZERO = RolloutCost(0.0, 0.0, 0.0, 0.0, 0.0)
 
 
-def horizon(s: ReadyStage, hops: int, max_stages: int, cluster: ClusterSpec) -> list[HorizonStage]:
-    """s's descendants within `hops`, the `max_stages` of highest rank, in an order where parents come first."""
+def horizon(s: ReadyStage, cfg: FateConfig, cluster: ClusterSpec) -> tuple[HorizonStage, ...]:
+    """s's descendants within `horizon_hops`, the `horizon_max_stages` of highest rank, parents first; without the
+    locality or prefix dimension (an ablation) no context or shared text is credited. Memoised on the DAG: it depends
+    on the DAG and the settings only."""
     dag: DagInfo | None = s.dag
-    if dag is None or hops == 0:
-        return []
-    sid = s.key[1]
+    if dag is None or cfg.horizon_hops == 0:
+        return ()
+    key = ("fate.horizon", s.key[1], cfg.horizon_hops, cfg.horizon_max_stages, cfg.locality, cfg.prefix)
+    stages = dag.memo.get(key)
+    if stages is None:
+        stages = dag.memo[key] = _horizon(dag, s.key[1], cfg, cluster)
+    return stages
+
+
+def _horizon(dag: DagInfo, sid: str, cfg: FateConfig, cluster: ClusterSpec) -> tuple[HorizonStage, ...]:
     lead = _first_part(dag, sid)
     found: list[tuple[int, str]] = []
     seen, layer = {sid}, [sid]
-    for hop in range(1, hops + 1):
-        nxt = [c for u in layer for c in dag.children[u] if c not in seen]
-        nxt = list(dict.fromkeys(nxt))
+    for hop in range(1, cfg.horizon_hops + 1):
+        nxt = list(dict.fromkeys(c for u in layer for c in dag.children[u] if c not in seen))
         seen.update(nxt)
         found += [(hop, c) for c in nxt]
         layer = nxt
     # The highest-ranked ones, then back in hop order (a parent is always fewer hops away than its child).
-    kept = sorted(found, key=lambda hc: -dag.ranks_s[hc[1]])[:max_stages]
+    kept = sorted(found, key=lambda hc: -dag.ranks_s[hc[1]])[:cfg.horizon_max_stages]
     kept.sort(key=lambda hc: hc[0])
     inside = {sid} | {c for _, c in kept}
     rank_s = dag.ranks_s[sid] or 1.0
@@ -88,15 +97,16 @@ def horizon(s: ReadyStage, hops: int, max_stages: int, cluster: ClusterSpec) -> 
         st = dag.stages[c]
         first = _first_part(dag, c)
         continues, context = None, 0
-        if isinstance(first, ContextPart) and first.parent in inside:
+        if cfg.locality and isinstance(first, ContextPart) and first.parent in inside:
             continues = first.parent
             context = dag.prompt_tokens[first.parent][first.item] + dag.stages[first.parent].expected_output_tokens
-        shared = lead.tokens if isinstance(lead, TextPart) and isinstance(first, TextPart) and first.key == lead.key \
-            else 0
+        shared = 0
+        if cfg.prefix and isinstance(lead, TextPart) and isinstance(first, TextPart) and first.key == lead.key:
+            shared = lead.tokens
         out.append(HorizonStage(c, st.model, dag.ranks_s[c] / rank_s, tuple(p for p in st.parents if p in inside),
                                 continues, context * st.num_requests, shared * st.num_requests,
                                 cluster.models[st.model].footprint_gib))
-    return out
+    return tuple(out)
 
 
 def _first_part(dag: DagInfo, stage_id: str):
@@ -105,14 +115,12 @@ def _first_part(dag: DagInfo, stage_id: str):
 
 
 class Rollout:
-    """One planning round's rollouts. `options(h)` gives, per live device that fits h's model, its snapshot,
-    (free at, relative to now), activation of h's model there now, its reload after an eviction, h's stateless
-    service there and the prefill seconds per token saved on a hit."""
+    """One planning round's rollouts. `options[h]` lists, per live device that fits h's model: the device, its
+    concurrency, the activation of h's model there now and after an eviction, h's stateless service there and the
+    prefill seconds saved per cached token (the Scorer's `_options`)."""
 
     def __init__(self, cluster: ClusterSpec, live: Sequence[DeviceSnapshot], now_s: float):
         self.cluster = cluster
-        self.live = live
-        self.now_s = now_s
         self.free0 = {id(d): max(0.0, d.free_at_s - now_s) for d in live}
         self.active0 = {id(d): frozenset(m for m, r in d.residency.items() if r == "ACTIVE") for d in live}
 

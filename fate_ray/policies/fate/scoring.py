@@ -79,7 +79,6 @@ class Scorer:
         self.cluster = cluster
         self.estimator = estimator
 
-
     def score(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> dict[StageKey, list[Candidate]]:
         """Top-k candidates per stage, best first."""
         # Per-round memos: the snapshot and the calibration do not change within a round.
@@ -89,7 +88,7 @@ class Scorer:
         live = [d for d in snapshot.devices if d.alive]
         self.rollout = Rollout(self.cluster, live, snapshot.now_s)
         cfg = self.cfg
-        horizons = {s.key: horizon(s, cfg.horizon_hops, cfg.horizon_max_stages, self.cluster) for s in frontier}
+        horizons = {s.key: horizon(s, cfg, self.cluster) for s in frontier}
         # NOTE: sorted, not a set: float sums over it (reach) must not depend on the process's string hash seed.
         needed = sorted({s.model for s in frontier} | {h.model for hs in horizons.values() for h in hs})
         fit_count = {m: sum(self.cluster.fits(m, d.device.type) for d in live) for m in needed}
@@ -97,10 +96,10 @@ class Scorer:
         for s in frontier:
             devices = self._prefilter(s, [d for d in live if self.cluster.fits(s.model, d.device.type)], snapshot)
             options = {h.stage_id: self._options(s.dag, h, live) for h in horizons[s.key]}
-            raw = [self._candidate(s, d, snapshot, live, horizons[s.key], options, needed, fit_count)
+            raw = [(d, *self._terms(s, d, snapshot, live, horizons[s.key], options, needed, fit_count))
                    for d in devices]
-            best = min((r for _, r in raw), key=lambda r: r.total_s, default=ZERO)
-            cands = [self._with_future(c, r.minus(best)) for c, r in raw]
+            best = min((r for _, _, r in raw), key=lambda r: r.total_s, default=ZERO)
+            cands = [self._candidate(s, d, terms, rollout.minus(best)) for d, terms, rollout in raw]
             cands.sort(key=lambda c: (c.score_s, c.device_id))
             out[s.key] = cands[: self.cfg.top_k]
         return out
@@ -122,9 +121,10 @@ class Scorer:
         return [d for d in devices if id(d) in chosen]
 
     # -- one candidate ----------------------------------------------------------------------------------------------
-    def _candidate(self, s: ReadyStage, d: DeviceSnapshot, snapshot: ClusterSnapshot, live, horizon_stages,
-                   options, needed: Sequence[str], fit_count: Mapping[str, int]) -> tuple[Candidate, RolloutCost]:
-        """The candidate without its look-ahead, and its raw rollout (compared with the stage's other candidates')."""
+    def _terms(self, s: ReadyStage, d: DeviceSnapshot, snapshot: ClusterSnapshot, live, horizon_stages,
+               options, needed: Sequence[str], fit_count: Mapping[str, int]) -> tuple[Terms, RolloutCost]:
+        """The candidate's terms without its look-ahead, and its raw rollout (compared with the stage's other
+        candidates')."""
         cfg, now = self.cfg, snapshot.now_s
         dtype = d.device.type
         queue_s = max(0.0, d.free_at_s - now)
@@ -148,19 +148,15 @@ class Scorer:
                            if m != s.model and fit_count.get(m, 0) and fit_count[m] < n_live
                            and self.cluster.fits(m, dtype))
             reach_s = cfg.reach_weight * occupy_s * scarcity
-        terms = Terms(queue_s, activation_s, service_s, eviction_s, 0.0, 0.0, 0.0, reach_s)
-        return Candidate(s.key, d.device.device_id, s.model, d.concurrency, terms, 0.0, len(s.requests)), rollout
+        return Terms(queue_s, activation_s, service_s, eviction_s, 0.0, 0.0, 0.0, reach_s), rollout
 
-    def _with_future(self, c: Candidate, future: RolloutCost) -> Candidate:
-        """The candidate with its look-ahead: its rollout over the stage's best one, term by term (a dimension
-        switched off by a setting contributes nothing)."""
-        cfg = self.cfg
-        t = c.terms
-        terms = Terms(t.queue_s, t.activation_s, t.service_s, t.eviction_s,
-                      future.locality_s if cfg.locality else 0.0, future.prefix_s if cfg.prefix else 0.0,
-                      future.residency_s if cfg.residency else 0.0, t.reach_s, future.occupancy_s)
-        score = terms.immediate_s + cfg.lam * terms.future_s + terms.reach_s
-        return Candidate(c.stage, c.device_id, c.model, c.concurrency, terms, score, c.num_requests)
+    def _candidate(self, s: ReadyStage, d: DeviceSnapshot, t: Terms, future: RolloutCost) -> Candidate:
+        """The candidate with its look-ahead: its rollout over the stage's best one, term by term (a dimension an
+        ablation switches off is not in the rollout at all: no credit in `horizon`, no activation in `_options`)."""
+        terms = Terms(t.queue_s, t.activation_s, t.service_s, t.eviction_s, future.locality_s, future.prefix_s,
+                      future.residency_s, t.reach_s, future.occupancy_s)
+        score = terms.immediate_s + self.cfg.lam * terms.future_s + terms.reach_s
+        return Candidate(s.key, d.device.device_id, s.model, d.concurrency, terms, score, len(s.requests))
 
     def _service_s(self, s: ReadyStage, d: DeviceSnapshot) -> float:
         """Transfer + prefill (less d's prefix hits) + decode of the whole stage as one batch on d."""
@@ -207,8 +203,10 @@ class Scorer:
         key = (id(dag), h.stage_id)
         options = self._options_memo.get(key)
         if options is None:
+            residency = self.cfg.residency  # off (an ablation): activations cost nothing here, as in `immediate`
             options = self._options_memo[key] = [
-                (e, e.concurrency, self._activation_s(h.model, e), self._activation_s(h.model, e, assume="ABSENT"),
+                (e, e.concurrency, self._activation_s(h.model, e) if residency else 0.0,
+                 self._activation_s(h.model, e, assume="ABSENT") if residency else 0.0,
                  self._child_service_s(dag, h.stage_id, e.device.type), self._hit_s_per_token(h.model, e.device.type))
                 for e in live if self.cluster.fits(h.model, e.device.type)]
         return options
