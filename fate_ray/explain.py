@@ -29,20 +29,18 @@ from fate_ray.state import ClusterSnapshot
 TERMS = ("immediate", "residency", "locality", "prefix", "occupancy", "future", "reach", "score")
 
 
-def decision_records(policy: Policy, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage], plan: Plan) -> list[dict]:
-    """One record per frontier stage of this round (the Controller's placements, before dispatch)."""
+def decision_records(policy: Policy, snapshot: ClusterSnapshot, stages: Sequence[ReadyStage], plan: Plan) -> list[dict]:
+    """One record per stage of this round given (the Controller's placements, before dispatch)."""
     chosen: dict = {}
     for a in plan.assignments:
         chosen.setdefault(a.stage, {})[a.device_id] = len(a.request_indices)
-    # A round that fell back was not decided by the policy's scores: they would explain nothing.
-    scored = not plan.solver_status.startswith("FALLBACK")
     out = []
-    for s in frontier:
+    for s in stages:
         workflow, stage = s.key
         out.append({"t_s": round(snapshot.now_s, 6), "status": plan.solver_status, "workflow": workflow,
                     "stage": stage, "model": s.model, "requests": len(s.request_indices),
                     "chosen": chosen.get(s.key, {}),
-                    "candidates": [_rounded(c) for c in policy.candidate_terms(s.key)] if scored else []})
+                    "candidates": [_rounded(c) for c in policy.candidate_terms(s.key)]})
     return out
 
 
@@ -52,25 +50,27 @@ def _rounded(candidate: dict) -> dict:
 
 @dataclass
 class DecisionLog:
-    """A PlanTimer observer that keeps the records of the workflows it is asked to explain (all when `every`)."""
+    """A PlanTimer observer: every record into `every` (the simulator), or the records of the workflows asked for
+    with `explain` (the Ray planner), kept per workflow until `take`n. Only those stages are recorded."""
 
     policy: Policy
-    every: bool = False
-    workflows: set[str] = field(default_factory=set)
-    records: list[dict] = field(default_factory=list)
+    every: list[dict] | None = None
+    by_workflow: dict[str, list[dict]] = field(default_factory=dict)
+
+    def explain(self, workflow_id: str) -> None:
+        self.by_workflow.setdefault(workflow_id, [])
 
     def __call__(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage], plan: Plan) -> None:
-        if not self.every and not any(s.key[0] in self.workflows for s in frontier):
+        if self.every is not None:
+            self.every += decision_records(self.policy, snapshot, frontier, plan)
             return
-        self.records += [r for r in decision_records(self.policy, snapshot, frontier, plan)
-                         if self.every or r["workflow"] in self.workflows]
+        stages = [s for s in frontier if s.key[0] in self.by_workflow]
+        for record in decision_records(self.policy, snapshot, stages, plan) if stages else ():
+            self.by_workflow[record["workflow"]].append(record)
 
     def take(self, workflow_id: str) -> list[dict]:
         """Hand over one workflow's records and forget them."""
-        mine = [r for r in self.records if r["workflow"] == workflow_id]
-        self.records = [r for r in self.records if r["workflow"] != workflow_id]
-        self.workflows.discard(workflow_id)
-        return mine
+        return self.by_workflow.pop(workflow_id, [])
 
 
 def write_decisions(records: Iterable[dict], path: Path) -> int:
@@ -118,8 +118,7 @@ def verdict(record: dict) -> str:
     if winner is None or not others:
         return f"placed on {chosen}, its only candidate"
     runner = others[0]
-    diffs = {t: runner[t] - winner[t] for t in ("immediate", "residency", "locality", "prefix", "occupancy", "reach")
-             if t in winner and t in runner}
+    diffs = {t: runner[t] - winner[t] for t in TERMS if t not in ("future", "score") and t in winner and t in runner}
     decisive = max(diffs, key=lambda t: diffs[t])
     margin = runner["score"] - winner["score"]
     if abs(margin) < 0.005 and max(abs(v) for v in diffs.values()) < 0.005:

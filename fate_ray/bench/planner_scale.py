@@ -91,12 +91,13 @@ def run_planner_scale(base: ClusterSpec, policies: list[str], out_dir: Path, rou
                 times.append((time.perf_counter() - started) * 1000)
                 statuses[plan.solver_status or "-"] = statuses.get(plan.solver_status or "-", 0) + 1
             key = f"{stages}x{devices}"
-            p95 = percentile(times, 95)
-            ratio = p95 / first_p95.setdefault(name, p95) if first_p95.get(name, p95) > 0 else float("nan")
+            p50, p95 = percentile(times, 50), percentile(times, 95)
+            base = first_p95.setdefault(name, p95)
+            ratio = p95 / base if base > 0 else float("nan")
             results["sizes"].setdefault(key, {})[name] = {
-                "plan_ms_p50": percentile(times, 50), "plan_ms_p95": p95, f"p95_over_{smallest}": ratio,
+                "plan_ms_p50": p50, "plan_ms_p95": p95, f"p95_over_{smallest}": ratio,
                 "solver_status": statuses, "rounds": n_rounds}
-            table.add_row(name, key, f"{percentile(times, 50):.1f}", f"{p95:.1f}", f"{ratio:.1f}",
+            table.add_row(name, key, f"{p50:.1f}", f"{p95:.1f}", f"{ratio:.1f}",
                           ", ".join(f"{k}:{v}" for k, v in sorted(statuses.items())))
     console.print(table)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,6 @@ class _ShardRun:
     outputs: list[int]
     left: int
     prompt_tokens: int
-    cached_tokens: int = 0
     prefilled_s: float = 0.0
     cached_per_request: list[int] = field(default_factory=list)
 
@@ -373,7 +372,6 @@ class ModelledEngine:
             cached = min(chain_blocks(r.hashes[:matched]) * bt, r.prompt_tokens - 1)  # vLLM recomputes >= 1 token
             r.prefill_left = r.prompt_tokens - cached
             if not r.recomputed:
-                r.run.cached_tokens += cached
                 r.run.cached_per_request[r.pos] = cached
             eng.prefilling.append(r)
 
@@ -389,8 +387,8 @@ class ModelledEngine:
         if run.left == 0:
             prefilled = max(run.prefilled_s, run.ready_s)
             outcome = ShardOutcome(run.start_s, end_s, run.activation, run.ready_s - run.start_s,
-                                   prefilled - run.ready_s, end_s - prefilled, run.prompt_tokens, run.cached_tokens,
-                                   tuple(run.outputs), tuple(run.cached_per_request))
+                                   prefilled - run.ready_s, end_s - prefilled, run.prompt_tokens,
+                                   sum(run.cached_per_request), tuple(run.outputs), tuple(run.cached_per_request))
             done.append((shard, outcome))
 
     # -- what a worker reports -------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ class GuardedPolicy(Policy):
         self.fallback = LeastLoaded(inner.ctx)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="plan")
         self._stuck: Future | None = None
+        self._fell_back = False  # the last round
 
     def plan(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> Plan:
         if self._stuck is not None and not self._stuck.done():
@@ -71,12 +72,15 @@ class GuardedPolicy(Policy):
         problem = plan_problem(plan, frontier, snapshot, self.ctx)
         if problem:
             return self._fall_back(snapshot, frontier, "INVALID", problem)
+        self._fell_back = False
         return plan
 
     def candidate_terms(self, stage):
-        return self.inner.candidate_terms(stage)
+        # A round that fell back was placed by least_loaded, not by the inner policy's scores.
+        return [] if self._fell_back else self.inner.candidate_terms(stage)
 
     def _fall_back(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage], kind: str, why: str) -> Plan:
         logger.error("policy %s: %s; this round falls back to least_loaded", self.name, why)
+        self._fell_back = True
         plan = self.fallback.plan(snapshot, frontier)
         return Plan(plan.assignments, f"FALLBACK_{kind}", plan.prefetch)

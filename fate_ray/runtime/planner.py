@@ -160,7 +160,7 @@ class PlannerActor:
                 raise ValueError(f"workflow id {wf.workflow_id!r} is already running on this planner")
             self.workflows[wf.workflow_id] = WorkflowRecord(time.time(), job)
             if explain:
-                self.decisions.workflows.add(wf.workflow_id)
+                self.decisions.explain(wf.workflow_id)
             self._journal(("workflow", wf.workflow_id, job, self.workflows[wf.workflow_id].submitted_s))
             try:
                 await self._handle(WorkflowSubmitted(wf.with_arrival(wf.workflow_id, self._now_s()), self._now_s()))
@@ -256,7 +256,7 @@ class PlannerActor:
         stages = {sid: {"outputs": dict(st.outputs), "output_tokens": dict(st.output_tokens)}
                   for sid, st in status.outputs[workflow_id].items()}
         return {"stages": stages, "shards": shards, "failed": status.workflows[workflow_id].failure_reason,
-                "decisions": [r for r in self.decisions.records if r["workflow"] == workflow_id]}
+                "decisions": self.decisions.by_workflow.get(workflow_id, [])}
 
     async def release(self, workflow_ids: list[str]) -> None:
         """The driver has written these workflows' results: forget them here and in the Controller."""

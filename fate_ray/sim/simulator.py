@@ -127,7 +127,7 @@ def simulate(cluster: ClusterSpec, workflows: Sequence[Workflow], policy: str, c
     every placement's decision record to (fate_ray/explain.py)."""
     estimator = CostEstimator(cluster, Calibration(enabled=config.calibrate))
     planner = make_policy(policy, PolicyContext(cluster, estimator, config.seed, reproducible=True))
-    log = DecisionLog(planner, every=True, records=decisions) if decisions is not None else None
+    log = DecisionLog(planner, every=decisions) if decisions is not None else None
     timed = PlanTimer(planner, observers=[log] if log else ())
     controller = Controller(cluster, timed, estimator, queue_order=config.queue_order, prefetch=config.prefetch)
     draws = config.draws()
