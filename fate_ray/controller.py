@@ -21,7 +21,8 @@ output is recorded once.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import bisect
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal, get_args
@@ -57,6 +58,9 @@ QUEUE_ORDERS: tuple[str, ...] = get_args(QueueOrder)
 # NOTE: provisional. The default is to be chosen by measurement (smoke suite and the shared real-DAG sample, every
 # policy sharing each order) once the independent engine model lands; never per policy.
 DEFAULT_QUEUE_ORDER: QueueOrder = "arrival"
+# Bumped whenever what a pickled Controller holds changes, so that an old journal's snapshot is refused in one
+# sentence rather than restored with fields missing.
+STATE_FORMAT = 2
 
 
 @dataclass
@@ -83,11 +87,49 @@ class QueuedShard:
 
 @dataclass
 class DeviceQueue:
+    """One device as the Controller sees it: its state, the shards queued for it (kept in queue order) and the
+    ones running there. The queue's totals are kept as it changes: a planning round reads them for every device,
+    and summing a long queue each time dominated the simulator."""
+
     state: DeviceState
     concurrency: int
     alive: bool = True
-    queue: list[QueuedShard] = field(default_factory=list)
+    queue: list[QueuedShard] = field(default_factory=list)  # change it only through the methods below
     running: dict[str, _Running] = field(default_factory=dict)
+    queued_service_s: float = 0.0
+    queued_requests: int = 0
+
+    def enqueue(self, queued: QueuedShard, key: Callable[[QueuedShard], tuple] | None) -> None:
+        """Add a shard behind every shard that does not sort after it (`key` None: at the back)."""
+        if key is None:
+            self.queue.append(queued)
+        else:
+            bisect.insort_right(self.queue, queued, key=key)
+        self.queued_service_s += queued.service_estimate_s
+        self.queued_requests += queued.num_requests
+
+    def take(self, pos: int) -> Shard:
+        queued = self.queue.pop(pos)
+        if self.queue:
+            self.queued_service_s -= queued.service_estimate_s
+            self.queued_requests -= queued.num_requests
+        else:
+            self._recount()
+        return queued.shard
+
+    def drop_workflow(self, workflow_id: str) -> None:
+        if any(q.shard.workflow_id == workflow_id for q in self.queue):
+            self.queue = [q for q in self.queue if q.shard.workflow_id != workflow_id]
+            self._recount()
+
+    def clear(self) -> None:
+        self.queue.clear()
+        self._recount()
+
+    def _recount(self) -> None:
+        # Exact again (a running float total drifts), at a cost paid only when the queue is rebuilt or empties.
+        self.queued_service_s = sum(q.service_estimate_s for q in self.queue)
+        self.queued_requests = sum(q.num_requests for q in self.queue)
 
 
 class Controller:
@@ -150,9 +192,12 @@ class Controller:
 
     # -- snapshots (the planner's journal) --------------------------------------------------------------------------
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "policy": None}  # the shell supplies a fresh policy on restore
+        # The shell supplies a fresh policy on restore.
+        return {**self.__dict__, "policy": None, "_state_format": STATE_FORMAT}
 
     def __setstate__(self, state: dict) -> None:
+        if state.pop("_state_format", None) != STATE_FORMAT:
+            raise ValueError(f"a Controller snapshot of another format (this version reads {STATE_FORMAT})")
         self.__dict__.update(state)
         # DAGs are keyed by the id of their stages mapping, and ids change across a pickle: key them again.
         self._dags, self._dag_users = {}, {}
@@ -233,7 +278,7 @@ class Controller:
     def _fail_workflow(self, run: WorkflowRun, reason: str) -> list[Command]:
         run.failure_reason = reason
         for dev in self.devices.values():
-            dev.queue = [q for q in dev.queue if q.shard.workflow_id != run.workflow_id]
+            dev.drop_workflow(run.workflow_id)
         self.frontier = {k for k in self.frontier if k[0] != run.workflow_id}
         return [WorkflowDone(run.workflow_id, self.now_s, ok=False, error=reason, arrival_s=run.workflow.arrival_s)]
 
@@ -243,7 +288,7 @@ class Controller:
         self._rerun(list(dev.running.values()), count_attempt=True)
         for queued in dev.queue:  # queued shards always belong to their id's current run
             self._requeue(queued.shard, self.workflows[queued.shard.workflow_id], count_attempt=False)
-        dev.queue.clear()
+        dev.clear()
         dev.state = DeviceState.empty(self.cluster, dev.state.device)
 
     def _rerun(self, shards: list[_Running], count_attempt: bool) -> None:
@@ -311,12 +356,12 @@ class Controller:
         return ClusterSnapshot(self.now_s, tuple(self._device_snapshot(dev) for dev in self.devices.values()))
 
     def _device_snapshot(self, dev: DeviceQueue):
-        backlog_s = sum(max(0.0, r.end_estimate_s - self.now_s) for r in dev.running.values())
-        backlog_s += sum(q.service_estimate_s for q in dev.queue)
-        requests = sum(q.num_requests for q in dev.queue)
-        requests += sum(len(r.shard.request_indices) for r in dev.running.values())
+        backlog_s = dev.queued_service_s
+        requests = dev.queued_requests
         running_tokens: dict[str, int] = {}  # KV the running requests hold at their end: prompt + expected output
         for r in dev.running.values():
+            backlog_s += max(0.0, r.end_estimate_s - self.now_s)
+            requests += len(r.shard.request_indices)
             shard = r.shard
             tokens = sum(shard.prompt_tokens) + shard.expected_output_tokens * len(shard.request_indices)
             running_tokens[shard.model] = running_tokens.get(shard.model, 0) + tokens
@@ -381,6 +426,7 @@ class Controller:
 
     def _enqueue(self, plan: Plan, frontier: dict, snapshot: ClusterSnapshot) -> None:
         placed: dict[tuple[str, str], set[int]] = {}
+        key = None if self.queue_order == "fifo" else self._queue_key
         for a in plan.assignments:
             ready = frontier.get(a.stage)
             dev = self.devices.get(a.device_id)
@@ -397,19 +443,19 @@ class Controller:
             shard = self._make_shard(run, a.stage[1], indices)
             est = self.estimator.shard_cost(shard.model, dev.state.device.type, shard.request_shapes(),
                                             snapshot.device(a.device_id))
-            dev.queue.append(QueuedShard(shard, est.service_s))
+            dev.enqueue(QueuedShard(shard, est.service_s), key)
         for key, ready in frontier.items():
             missing = set(ready.request_indices) - placed.get(key, set())
             if missing:
                 raise PlanContractError(f"policy {self.policy.name!r} left {len(missing)} request(s) of {key} "
                                         "unplaced")
-        # Stable sorts: ties keep placement order.
+
+    def _queue_key(self, queued: QueuedShard) -> tuple[float, float]:
+        """Where a shard goes in its device's queue; among equal keys, placement order (insort_right)."""
+        shard = queued.shard
         if self.queue_order == "rank":
-            for dev in self.devices.values():
-                dev.queue.sort(key=lambda q: (-q.shard.rank_s, q.shard.arrival_s))
-        elif self.queue_order == "arrival":
-            for dev in self.devices.values():
-                dev.queue.sort(key=lambda q: (q.shard.arrival_s, -q.shard.rank_s))
+            return (-shard.rank_s, shard.arrival_s)
+        return (shard.arrival_s, -shard.rank_s)
 
     def _make_shard(self, run: WorkflowRun, stage_id: str, indices: tuple[int, ...]) -> Shard:
         self._shard_seq += 1
@@ -432,7 +478,7 @@ class Controller:
                 pick = self._next_startable(dev)
                 if pick is None:
                     break
-                out.append(self._dispatch(device_id, dev, dev.queue.pop(pick).shard))
+                out.append(self._dispatch(device_id, dev, dev.take(pick)))
         return out
 
     def _next_startable(self, dev: DeviceQueue) -> int | None:

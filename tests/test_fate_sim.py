@@ -23,7 +23,7 @@ from fate_ray.sim.simulator import SimConfig, SimResult, simulate
 ROOT = Path(__file__).resolve().parents[1]
 FATE_POLICIES = ("fate", *ABLATIONS)
 COPIES = 2
-KNOWN_STATUSES = {"OPTIMAL", "FEASIBLE", "TRIVIAL", "GREEDY", "DECOMPOSED"}
+KNOWN_STATUSES = {"OPTIMAL", "FEASIBLE", "TRIVIAL", "UNCONTENDED", "GREEDY", "DECOMPOSED"}
 FAILED_DEVICE = "h100-node/gpu0"
 EPS = 1e-9
 

@@ -25,6 +25,10 @@ class FateConfig(BaseModel):
     prefetch: bool = Field(True, description="Run with the Controller's generic prefetch (fate_ray/prefetch.py); "
                            "False opts out of it (the fate-no-prefetch ablation), FATE having none of its own.")
     solver: Literal["cpsat", "greedy"] = Field("cpsat", description="Assignment: CP-SAT, or greedy on the scores.")
+    cpsat_rounds: Literal["every", "contended"] = Field(
+        "every", description="Which rounds CP-SAT solves: every one with a choice, or only contended ones (a stage "
+        "split, two stages on one device, or a stage the greedy assignment moved off its best-scored device); the "
+        "others keep the greedy assignment (UNCONTENDED).")
     time_limit_ms: float = Field(100.0, gt=0, description="CP-SAT wall-clock limit per round.")
     deterministic_limit: float = Field(0.005, gt=0, description="CP-SAT deterministic-time limit per round, so that "
                                        "simulations are reproducible (wall time would depend on the machine).")

@@ -36,8 +36,10 @@ Warm start: hints from the greedy assignment and from the previous round's value
 (stages re-planned after a failure). Limits: `time_limit_ms` wall and `deterministic_limit` (reproducible runs),
 `num_workers`. OPTIMAL or FEASIBLE -> used; anything else -> the greedy assignment, counted as FALLBACK_<status>.
 A round with one stage on one candidate, or only unsplittable single-candidate stages, skips the solver
-(TRIVIAL). Frontiers larger than `max_cpsat_stages`: CP-SAT on the highest-ranked stages, greedy for the rest
-(DECOMPOSED), so planning time stays bounded.
+(TRIVIAL); with `cpsat_rounds=contended`, so does a round whose greedy assignment has no two stages competing
+(UNCONTENDED: none split, none sharing a device, each on its best-scored candidate). Frontiers larger than
+`max_cpsat_stages`: CP-SAT on the highest-ranked stages, greedy for the rest (DECOMPOSED), so planning time stays
+bounded.
 
 Choices where the paper is silent: a stage's finish (8) counts the work queued ahead of it on its device in the
 queue order (the backlog counted whole, the round's loads first), so old workflows' stages finish early and the
@@ -112,12 +114,15 @@ class FatePolicy(Policy):
         ranked = rank_order(frontier)
         head, tail = ranked[: cfg.max_cpsat_stages], ranked[cfg.max_cpsat_stages:]
         greedy_head = greedy_counts(head, cands, cfg)
-        model = RoundModel(head, cands, snapshot, self.cluster, cfg, self._pairs(head, cands),
-                           self._evict_ms(snapshot, frontier))
-        model.hint({**self._previous, **greedy_head})
-        result = model.solve()
-        counts = result.counts if result.counts is not None else greedy_head
-        status = result.status if result.counts is not None else f"FALLBACK_{result.status}"
+        if cfg.cpsat_rounds == "contended" and not contended(head, cands, greedy_head):
+            counts, status = greedy_head, "UNCONTENDED"
+        else:
+            model = RoundModel(head, cands, snapshot, self.cluster, cfg, self._pairs(head, cands),
+                               self._evict_ms(snapshot, frontier))
+            model.hint({**self._previous, **greedy_head})
+            result = model.solve()
+            counts = result.counts if result.counts is not None else greedy_head
+            status = result.status if result.counts is not None else f"FALLBACK_{result.status}"
         if tail:
             ledger = RoundLedger()
             for stage, stage_counts in counts.items():
@@ -170,6 +175,21 @@ class FatePolicy(Policy):
             for d, idx in split_requests(s, counts[s.key], by_id, self.cluster.block_tokens).items():
                 out.append(Assignment(s.key, d, idx))
         return tuple(out)
+
+
+def contended(frontier: Sequence[ReadyStage], cands, counts: Counts) -> bool:
+    """The greedy assignment has stages competing: one split over devices, two on one device, or one placed away
+    from its best-scored candidate (the round's earlier placements made that one worse)."""
+    used: set[str] = set()
+    for s in frontier:
+        placed = counts[s.key]
+        if len(placed) > 1:
+            return True
+        device = next(iter(placed))
+        if device in used or device != cands[s.key][0].device_id:
+            return True
+        used.add(device)
+    return False
 
 
 def split_requests(stage: ReadyStage, counts: dict[str, int], devices: dict, block_tokens: int) -> dict:

@@ -20,6 +20,7 @@ what this choice costs the descendants over the best choice (>= 0).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -115,8 +116,8 @@ def _first_part(dag: DagInfo, stage_id: str):
 
 
 class Rollout:
-    """One planning round's rollouts. `options[h]` lists, per live device that fits h's model: the device, its
-    concurrency, the activation of h's model there now and after an eviction, h's stateless service there and the
+    """One planning round's rollouts. `options[h]` lists, per live device that fits h's model: id(device), the
+    device, its concurrency, the activation of h's model there now and after an eviction, h's stateless service there and the
     prefill seconds saved per cached token (the Scorer's `_options`)."""
 
     def __init__(self, cluster: ClusterSpec, live: Sequence[DeviceSnapshot], now_s: float):
@@ -135,27 +136,40 @@ class Rollout:
         evicted = {(id(d), m) for m in evicts}
         finish = {s.key[1]: finish_s}
         where = {s.key[1]: id(d)}
+        d_key = id(d)
         residency = locality = prefix = occupancy = 0.0
         for h in stages:
-            if not options[h.stage_id]:
+            opts = options[h.stage_id]
+            if not opts:
                 continue  # its model fits no live device: the Controller fails that workflow, not the planner
             ready = max((finish[p] for p in h.parents if p in finish), default=finish_s)
+            model, shared = h.model, h.shared_tokens
+            continued_on = where.get(h.continues) if h.continues else None
+            # The inner loop is the planner's hottest: conditionals rather than max(), keys precomputed.
             best = None
-            for e, conc, act_now, act_cold, service, hit_s_per_token in options[h.stage_id]:
-                key = id(e)
-                act = 0.0 if h.model in active[key] else (act_cold if (key, h.model) in evicted else act_now)
-                loc = h.context_tokens * hit_s_per_token if h.continues and where.get(h.continues) == key else 0.0
-                pre = h.shared_tokens * hit_s_per_token if h.shared_tokens and key == id(d) else 0.0
-                start = max(free[key], ready)
-                done = start + act + max(0.0, service - loc - pre)
-                if best is None or done < best[0]:
-                    best = (done, e, conc, start, act, loc, pre, service)
-            done, e, conc, start, act, loc, pre, service = best
-            key = id(e)
-            free[key] = start + (act + max(0.0, service - loc - pre)) / conc
-            if h.model not in active[key]:
-                active[key] = self._make_room(e, active[key], h, evicted) | {h.model}
-            finish[h.stage_id] = done
+            best_done = math.inf
+            for key, e, conc, act_now, act_cold, service, hit_s_per_token in opts:
+                if model in active[key]:
+                    act = 0.0
+                else:
+                    act = act_cold if (key, model) in evicted else act_now
+                loc = h.context_tokens * hit_s_per_token if key == continued_on else 0.0
+                pre = shared * hit_s_per_token if shared and key == d_key else 0.0
+                work = service - loc - pre
+                if work < 0.0:
+                    work = 0.0
+                start = free[key]
+                if ready > start:
+                    start = ready
+                done = start + act + work
+                if best is None or done < best_done:
+                    best_done = done
+                    best = (key, e, conc, start, act, loc, pre, service, work)
+            key, e, conc, start, act, loc, pre, service, work = best
+            free[key] = start + (act + work) / conc
+            if model not in active[key]:
+                active[key] = self._make_room(e, active[key], h, evicted) | {model}
+            finish[h.stage_id] = best_done
             where[h.stage_id] = key
             w = h.weight
             residency += w * act

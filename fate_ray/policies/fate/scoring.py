@@ -78,6 +78,8 @@ class Scorer:
         self.cfg = config
         self.cluster = cluster
         self.estimator = estimator
+        # (model, device type) pairs that fit, looked up for every candidate and horizon option of every round
+        self._fits = frozenset((m, t) for m in cluster.models for t in cluster.device_types if cluster.fits(m, t))
 
     def score(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> dict[StageKey, list[Candidate]]:
         """Top-k candidates per stage, best first."""
@@ -85,16 +87,18 @@ class Scorer:
         self._stage_memo: dict[tuple, tuple[float, float, float, float]] = {}
         self._activation_memo: dict[tuple[str, str, Residency], float] = {}
         self._options_memo: dict[tuple[int, str], list[tuple]] = {}
+        self._scarcity_memo: dict[tuple[str, str], float] = {}
+        self._hit_memo: dict[tuple[str, str], float] = {}
         live = [d for d in snapshot.devices if d.alive]
         self.rollout = Rollout(self.cluster, live, snapshot.now_s)
         cfg = self.cfg
         horizons = {s.key: horizon(s, cfg, self.cluster) for s in frontier}
         # NOTE: sorted, not a set: float sums over it (reach) must not depend on the process's string hash seed.
         needed = sorted({s.model for s in frontier} | {h.model for hs in horizons.values() for h in hs})
-        fit_count = {m: sum(self.cluster.fits(m, d.device.type) for d in live) for m in needed}
+        fit_count = {m: sum((m, d.device.type) in self._fits for d in live) for m in needed}
         out: dict[StageKey, list[Candidate]] = {}
         for s in frontier:
-            devices = self._prefilter(s, [d for d in live if self.cluster.fits(s.model, d.device.type)], snapshot)
+            devices = self._prefilter(s, [d for d in live if (s.model, d.device.type) in self._fits], snapshot)
             options = {h.stage_id: self._options(s.dag, h, live) for h in horizons[s.key]}
             raw = [(d, *self._terms(s, d, snapshot, live, horizons[s.key], options, needed, fit_count))
                    for d in devices]
@@ -143,10 +147,12 @@ class Scorer:
                                         options)
         reach_s = 0.0
         if cfg.reach and cfg.horizon_hops > 0:
-            n_live = len(live)
-            scarcity = sum(1.0 / fit_count[m] for m in needed
-                           if m != s.model and fit_count.get(m, 0) and fit_count[m] < n_live
-                           and self.cluster.fits(m, dtype))
+            scarcity = self._scarcity_memo.get((s.model, dtype))
+            if scarcity is None:
+                n_live = len(live)
+                scarcity = self._scarcity_memo[(s.model, dtype)] = sum(
+                    1.0 / fit_count[m] for m in needed
+                    if m != s.model and fit_count.get(m, 0) and fit_count[m] < n_live and (m, dtype) in self._fits)
             reach_s = cfg.reach_weight * occupy_s * scarcity
         return Terms(queue_s, activation_s, service_s, eviction_s, 0.0, 0.0, 0.0, reach_s), rollout
 
@@ -198,19 +204,23 @@ class Scorer:
         return value
 
     def _options(self, dag: DagInfo, h: HorizonStage, live) -> list[tuple]:
-        """Per round, the live devices that fit h's model, as the rollout reads them: (device, concurrency,
+        """Per round, the live devices that fit h's model, as the rollout reads them: (id(device), device, concurrency,
         activation now, activation after an eviction, stateless service, prefill seconds saved per cached token)."""
         key = (id(dag), h.stage_id)
         options = self._options_memo.get(key)
         if options is None:
             residency = self.cfg.residency  # off (an ablation): activations cost nothing here, as in `immediate`
             options = self._options_memo[key] = [
-                (e, e.concurrency, self._activation_s(h.model, e) if residency else 0.0,
+                (id(e), e, e.concurrency, self._activation_s(h.model, e) if residency else 0.0,
                  self._activation_s(h.model, e, assume="ABSENT") if residency else 0.0,
                  self._child_service_s(dag, h.stage_id, e.device.type), self._hit_s_per_token(h.model, e.device.type))
-                for e in live if self.cluster.fits(h.model, e.device.type)]
+                for e in live if (h.model, e.device.type) in self._fits]
         return options
 
     def _hit_s_per_token(self, model: str, device_type: str) -> float:
-        prof = self.estimator.profile(model, device_type)
-        return self.estimator.calibration.factor(model, device_type, "prefill") / prof.prefill_tok_s
+        value = self._hit_memo.get((model, device_type))
+        if value is None:
+            prof = self.estimator.profile(model, device_type)
+            value = self._hit_memo[(model, device_type)] = (
+                self.estimator.calibration.factor(model, device_type, "prefill") / prof.prefill_tok_s)
+        return value
