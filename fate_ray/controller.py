@@ -533,6 +533,12 @@ class Controller:
         for device_id, dev in self.devices.items():
             assert len(dev.running) <= dev.concurrency, f"{device_id} runs more shards than its concurrency"
             assert dev.state.used_gib() <= dev.state.memory_gib + 1e-6, f"{device_id} holds more models than fit"
+            assert dev.queued_requests == sum(q.num_requests for q in dev.queue), f"{device_id} miscounts its queue"
+            service_s = sum(q.service_estimate_s for q in dev.queue)
+            assert abs(dev.queued_service_s - service_s) <= 1e-6 * max(1.0, service_s), f"{device_id} queue total drifted"
+            if self.queue_order != "fifo":
+                keys = [self._queue_key(q) for q in dev.queue]
+                assert keys == sorted(keys), f"{device_id}'s queue is out of {self.queue_order} order"
         queued = {(q.shard.workflow_id, q.shard.stage_id, i) for d in self.devices.values() for q in d.queue
                   for i in q.shard.request_indices}
         running = {(r.shard.workflow_id, r.shard.stage_id, i) for r in self.running.values()

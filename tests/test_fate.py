@@ -456,6 +456,30 @@ def test_a_decomposed_round_counts_the_head_stages_work_for_the_tail(make_cluste
     assert where["b-tail"] == G1
 
 
+def test_contended_only_rounds_keep_the_greedy_answer_when_stages_do_not_compete(make_cluster):
+    cluster = make_cluster(fast={"concurrency": 1})
+    snap = snapshot(cluster, G0={"residency": {"a": "ACTIVE"}}, G1={"residency": {"b": "ACTIVE"}},
+                    S2={"alive": False}, S3={"alive": False})
+    cfg = FateConfig(cpsat_rounds="contended", **SOLVE)
+    policy = FatePolicy(PolicyContext(cluster, CostEstimator(cluster)), cfg)
+    # One unsplittable stage (of three requests, so the round is not TRIVIAL): nothing competes.
+    plan = policy.plan(snap, [stage("one", "a", n=3, shardable=False)])
+    assert plan.solver_status == "UNCONTENDED"
+    # Two unsplittable stages, each best where its model is resident: each gets that device, CP-SAT is skipped.
+    frontier = [stage("x", "a", shardable=False, rank_s=2.0), stage("y", "b", shardable=False, rank_s=1.0)]
+    plan = policy.plan(snap, frontier)
+    assert plan.solver_status == "UNCONTENDED"
+    assert {a.stage[1]: a.device_id for a in plan.assignments} == {"x": G0, "y": G1}
+    # Both want G0 (model a resident there): the second is displaced by the first, a contended round.
+    both = [stage("x", "a", shardable=False, rank_s=2.0), stage("w", "a", shardable=False, rank_s=1.0)]
+    assert policy.plan(snap, both).solver_status in ("OPTIMAL", "FEASIBLE")
+    # A shardable stage split over both devices competes with itself: CP-SAT decides, as with the default.
+    plan = policy.plan(snap, [stage("map", "a", n=8, rank_s=2.0), stage("z", "a", shardable=False)])
+    assert plan.solver_status in ("OPTIMAL", "FEASIBLE")
+    default = FatePolicy(PolicyContext(cluster, CostEstimator(cluster)), FateConfig(**SOLVE))
+    assert default.plan(snap, frontier).solver_status in ("OPTIMAL", "FEASIBLE")
+
+
 def parent_and_child(child_model: str) -> ReadyStage:
     """Parent p (model a) and a child of `child_model` that reads p's output (not continuing its context)."""
     parent = Stage("p", "a", (), 1, ((TextPart(1, 100),),), 10, 20)

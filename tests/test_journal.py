@@ -95,3 +95,30 @@ def test_a_snapshot_another_version_wrote_is_refused_in_one_sentence(tmp_path):
         assert "empty --state-dir" in str(exc)
     else:
         raise AssertionError("an unreadable snapshot was accepted")
+
+
+class _WrittenBefore:
+    """Pickles as a Controller whose state has no format mark, as the versions before STATE_FORMAT wrote them."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def __reduce__(self):
+        return (object.__new__, (Controller,), self.state)
+
+
+def test_a_controller_snapshot_of_an_older_format_is_refused_in_one_sentence(tmp_path, tiny_cluster):
+    ctl, _ = controller(tiny_cluster)
+    ctl.handle(WorkflowSubmitted(chain("w1", 100), 0.0))
+    state = ctl.__getstate__()
+    del state["_state_format"]
+    Journal(tmp_path).snapshot(_WrittenBefore(state))
+    try:
+        Journal(tmp_path).load()
+    except ValueError as exc:
+        assert str(exc).startswith(f"{tmp_path / 'snapshot.pkl'}: the planner state there cannot be read")
+    else:
+        raise AssertionError("a snapshot without this version's format was restored")
+    Journal(tmp_path).snapshot(ctl)  # this version's own snapshot still loads
+    restored, _ = Journal(tmp_path).load()
+    assert restored.workflows.keys() == ctl.workflows.keys()
