@@ -18,9 +18,11 @@ import pytest
 from rich.console import Console
 
 from fate_ray.bench import run_suite
+from fate_ray.bench.planner_scale import run_planner_scale
 from fate_ray.bench.report import markdown
 from fate_ray.bench.runner import NORMALISER, JobResult, aggregate
 from fate_ray.bench.stats import BOOTSTRAP_RESAMPLES, best_baseline, bootstrap_ci, geomean, win_rate
+from fate_ray.schema.cluster import default_cluster_path, load_cluster
 from fate_ray.sim.simulator import percentile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,3 +298,15 @@ def test_results_csv_has_one_row_per_run_with_the_contract_columns(bench):
     fate = results["policies"]["fate"]
     low, high = fate["normalized_makespan_ci95"]
     assert f"| fate | {fate['normalized_makespan']:.3f} [{low:.3f}, {high:.3f}] |" in text
+
+
+def test_planner_scale_reports_every_size_and_its_p95_as_a_ratio_to_the_smallest(tmp_path):
+    sizes = ((4, 8), (8, 16))
+    results = run_planner_scale(load_cluster(default_cluster_path()), ["fate", "state_eft"], tmp_path, rounds=2,
+                                console=Console(file=io.StringIO()), sizes=sizes)
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert set(results["sizes"]) == {"4x8", "8x16"}
+    for name in ("fate", "state_eft"):
+        assert results["sizes"]["4x8"][name]["p95_over_4x8"] == 1.0
+        bigger = results["sizes"]["8x16"][name]
+        assert bigger["p95_over_4x8"] > 0 and bigger["rounds"] == 2 and sum(bigger["solver_status"].values()) == 2

@@ -69,16 +69,16 @@ def synthetic_round(cluster: ClusterSpec, stages: int, seed: int) -> tuple[Clust
 
 
 def run_planner_scale(base: ClusterSpec, policies: list[str], out_dir: Path, rounds: int = 10,
-                      console: Console | None = None) -> dict:
+                      console: Console | None = None, sizes: tuple[tuple[int, int], ...] = SIZES) -> dict:
     console = console or Console()
     results: dict = {"suite": "planner-scale", "sizes": {}}
     table = Table(title="planner-scale: plan() wall time per round", title_justify="left")
-    smallest = f"{SIZES[0][0]}x{SIZES[0][1]}"
+    smallest = f"{sizes[0][0]}x{sizes[0][1]}"
     # The ratio to the smallest size does not depend on how fast the machine is; the milliseconds do.
     for col in ("policy", "stages x devices", "p50 ms", "p95 ms", f"p95 / {smallest}", "statuses"):
         table.add_column(col, justify="right" if "ms" in col or "/" in col else "left")
     first_p95: dict[str, float] = {}
-    for stages, devices in SIZES:
+    for stages, devices in sizes:
         cluster = scaled_cluster(base, devices)
         n_rounds = rounds if stages <= 256 else max(2, rounds // 4)
         for name in policies:
@@ -92,8 +92,8 @@ def run_planner_scale(base: ClusterSpec, policies: list[str], out_dir: Path, rou
                 statuses[plan.solver_status or "-"] = statuses.get(plan.solver_status or "-", 0) + 1
             key = f"{stages}x{devices}"
             p50, p95 = percentile(times, 50), percentile(times, 95)
-            base = first_p95.setdefault(name, p95)
-            ratio = p95 / base if base > 0 else float("nan")
+            first = first_p95.setdefault(name, p95)
+            ratio = p95 / first if first > 0 else float("nan")
             results["sizes"].setdefault(key, {})[name] = {
                 "plan_ms_p50": p50, "plan_ms_p95": p95, f"p95_over_{smallest}": ratio,
                 "solver_status": statuses, "rounds": n_rounds}
