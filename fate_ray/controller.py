@@ -426,7 +426,7 @@ class Controller:
 
     def _enqueue(self, plan: Plan, frontier: dict, snapshot: ClusterSnapshot) -> None:
         placed: dict[tuple[str, str], set[int]] = {}
-        key = None if self.queue_order == "fifo" else self._queue_key
+        order_key = None if self.queue_order == "fifo" else self._queue_key
         for a in plan.assignments:
             ready = frontier.get(a.stage)
             dev = self.devices.get(a.device_id)
@@ -443,7 +443,7 @@ class Controller:
             shard = self._make_shard(run, a.stage[1], indices)
             est = self.estimator.shard_cost(shard.model, dev.state.device.type, shard.request_shapes(),
                                             snapshot.device(a.device_id))
-            dev.enqueue(QueuedShard(shard, est.service_s), key)
+            dev.enqueue(QueuedShard(shard, est.service_s), order_key)
         for key, ready in frontier.items():
             missing = set(ready.request_indices) - placed.get(key, set())
             if missing:
