@@ -85,6 +85,19 @@ class QueuedShard:
         return len(self.shard.request_indices)
 
 
+def _rank_first(queued: QueuedShard) -> tuple[float, float]:
+    return (-queued.shard.rank_s, queued.shard.arrival_s)
+
+
+def _oldest_first(queued: QueuedShard) -> tuple[float, float]:
+    return (queued.shard.arrival_s, -queued.shard.rank_s)
+
+
+# Where a shard goes in its device's queue; among equal keys, placement order (bisect.insort_right). None: the back.
+QUEUE_KEYS: dict[str, Callable[[QueuedShard], tuple] | None] = {"fifo": None, "rank": _rank_first,
+                                                                 "arrival": _oldest_first}
+
+
 @dataclass
 class DeviceQueue:
     """One device as the Controller sees it: its state, the shards queued for it (kept in queue order) and the
@@ -143,6 +156,7 @@ class Controller:
         self.estimator = estimator
         self.max_attempts = max_attempts
         self.queue_order: QueueOrder = queue_order
+        self._queue_key = QUEUE_KEYS[queue_order]
         self.prefetch = prefetch
         # Dispatches carry the predicted prefix hits per request (the Ray planner compares them with the engines');
         # off in the simulator, whose loop has no use for them.
@@ -426,7 +440,6 @@ class Controller:
 
     def _enqueue(self, plan: Plan, frontier: dict, snapshot: ClusterSnapshot) -> None:
         placed: dict[tuple[str, str], set[int]] = {}
-        order_key = None if self.queue_order == "fifo" else self._queue_key
         for a in plan.assignments:
             ready = frontier.get(a.stage)
             dev = self.devices.get(a.device_id)
@@ -443,19 +456,12 @@ class Controller:
             shard = self._make_shard(run, a.stage[1], indices)
             est = self.estimator.shard_cost(shard.model, dev.state.device.type, shard.request_shapes(),
                                             snapshot.device(a.device_id))
-            dev.enqueue(QueuedShard(shard, est.service_s), order_key)
+            dev.enqueue(QueuedShard(shard, est.service_s), self._queue_key)
         for key, ready in frontier.items():
             missing = set(ready.request_indices) - placed.get(key, set())
             if missing:
                 raise PlanContractError(f"policy {self.policy.name!r} left {len(missing)} request(s) of {key} "
                                         "unplaced")
-
-    def _queue_key(self, queued: QueuedShard) -> tuple[float, float]:
-        """Where a shard goes in its device's queue; among equal keys, placement order (insort_right)."""
-        shard = queued.shard
-        if self.queue_order == "rank":
-            return (-shard.rank_s, shard.arrival_s)
-        return (shard.arrival_s, -shard.rank_s)
 
     def _make_shard(self, run: WorkflowRun, stage_id: str, indices: tuple[int, ...]) -> Shard:
         self._shard_seq += 1
@@ -536,7 +542,7 @@ class Controller:
             assert dev.queued_requests == sum(q.num_requests for q in dev.queue), f"{device_id} miscounts its queue"
             service_s = sum(q.service_estimate_s for q in dev.queue)
             assert abs(dev.queued_service_s - service_s) <= 1e-6 * max(1.0, service_s), f"{device_id} queue total drifted"
-            if self.queue_order != "fifo":
+            if self._queue_key is not None:
                 keys = [self._queue_key(q) for q in dev.queue]
                 assert keys == sorted(keys), f"{device_id}'s queue is out of {self.queue_order} order"
         queued = {(q.shard.workflow_id, q.shard.stage_id, i) for d in self.devices.values() for q in d.queue
