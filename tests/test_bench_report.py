@@ -28,11 +28,11 @@ from fate_ray.sim.simulator import percentile
 ROOT = Path(__file__).resolve().parents[1]
 
 TOP_KEYS = {"suite", "seeds", "instances", "policies", "per_instance", "best_baseline", "by_group", "by_regime"}
-POLICY_KEYS = {"normalized_makespan", "normalized_p95", "makespan_s", "p95_s", "lb_ratio", "prefix_hit_rate",
-               "model_loads", "plan_ms_p95", "normalized_makespan_ci95", "normalized_p95_ci95",
+POLICY_KEYS = {"normalized_makespan", "normalized_p95", "makespan_s", "p95_s", "lb_ratio", "p95_lb_ratio",
+               "prefix_hit_rate", "model_loads", "plan_ms_p95", "normalized_makespan_ci95", "normalized_p95_ci95",
                "vs_best_baseline_makespan", "vs_best_baseline_makespan_ci95", "vs_best_baseline_p95",
                "vs_best_baseline_p95_ci95", "win_rate_makespan", "win_rate_p95"}
-ROW_KEYS = {"instance", "group", "regime", "seed", "policy", "makespan_s", "p95_s", "lb_s"}
+ROW_KEYS = {"instance", "group", "regime", "seed", "policy", "makespan_s", "p95_s", "lb_s", "p95_lb_s"}
 RR = NORMALISER
 
 
@@ -278,6 +278,8 @@ def test_round_robin_normalises_to_exactly_one_and_fate_to_its_geometric_mean(be
     assert low <= fate["normalized_makespan"] <= high
     lb = [rows[(i, RR)]["makespan_s"] / rows[(i, RR)]["lb_s"] for i in data["instances"]]
     assert rr["lb_ratio"] == pytest.approx(math.prod(lb) ** (1 / 4))
+    p95_lb = [rows[(i, RR)]["p95_s"] / rows[(i, RR)]["p95_lb_s"] for i in data["instances"]]
+    assert rr["p95_lb_ratio"] == pytest.approx(math.prod(p95_lb) ** (1 / 4)) and rr["p95_lb_ratio"] >= 1
 
 
 def test_results_csv_has_one_row_per_run_with_the_contract_columns(bench):

@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from fate_ray.bench.instances import Instance
-from fate_ray.bench.lower_bound import run_lower_bound_s
+from fate_ray.bench.lower_bound import run_lower_bounds
 from fate_ray.bench.stats import best_baseline, bootstrap_ci, geomean, ratios_to, versus
 from fate_ray.cost import CostEstimator
 from fate_ray.policies.registry import BASELINES
@@ -57,11 +57,12 @@ def run_job(job: Job) -> JobResult:
     workflows = inst.realise(job.seed, estimator)
     config = SimConfig(seed=job.seed, initial_models=inst.initial_models, **_STATE.get("sim_options", {}))
     res = simulate(cluster, workflows, job.policy, config, record_trace=_STATE["trace"])
-    lb = run_lower_bound_s(workflows, cluster, config)
+    bounds = run_lower_bounds(workflows, cluster, config)
     row = {
         "instance": inst.name, "group": inst.group, "regime": inst.regime, "seed": job.seed, "policy": job.policy,
         "workflows": len(workflows), "completed": len(res.completions_s), "failed": len(res.failed),
-        "makespan_s": res.makespan_s, "p95_s": res.p95_s, "lb_s": lb,
+        "makespan_s": res.makespan_s, "p95_s": res.p95_s, "lb_s": bounds.makespan_s,
+        "p95_lb_s": bounds.p95_s,
         "prefix_hit_rate": res.prefix_hit_rate, "model_loads": res.loads, "model_wakes": res.wakes,
         "events": res.events, "sim_wall_s": res.wall_s,
         "plan_ms_p95": percentile(res.plan_ms, 95),
@@ -144,6 +145,7 @@ def _summarise(results: Sequence[JobResult], base: dict) -> dict:
         "makespan_s": _mean([r["makespan_s"] for r in rows]),
         "p95_s": _mean([r["p95_s"] for r in rows]),
         "lb_ratio": geomean([r["makespan_s"] / r["lb_s"] for r in rows if r["lb_s"] > 0]),
+        "p95_lb_ratio": geomean([r["p95_s"] / r["p95_lb_s"] for r in rows if r.get("p95_lb_s", 0) > 0]),
         "prefix_hit_rate": sum(r.cached_tokens for r in results) / prompt if prompt else 0.0,
         "model_loads": _mean([r["model_loads"] for r in rows]),
         "model_wakes": _mean([r["model_wakes"] for r in rows]),
