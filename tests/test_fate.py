@@ -245,6 +245,23 @@ def test_6_to_8_a_stage_avoids_a_device_with_a_huge_queue(tiny_cluster):
     assert solver.value(forced.finish_s[s.key]) >= 101_000         # (8) the stage ends with its device
 
 
+def test_6_to_8_the_finish_time_bound_allows_the_worst_placement_and_ignores_the_rest_of_the_frontier(tiny_cluster):
+    # The big-M of (8) counts this round's stages only, not the rest of a large frontier (whose work made it so
+    # large that 256-stage rounds ran into the wall-clock limit), and still admits the worst placement: every stage
+    # behind the longest backlog, with the load.
+    head = [stage(f"s{i}", n=3, shardable=False, rank_s=float(i)) for i in range(4)]
+    tail = stage("tail", n=16)
+    by_stage = {s.key: [cand(s, d, queue_s=50.0 if d == S3 else 0.0, act_s=20.0, per_request_s=2.0) for d in (G0, S3)]
+                for s in head}
+    by_stage[tail.key] = [cand(tail, d, per_request_s=500.0) for d in (G0, S3)]
+    rm = RoundModel(head, by_stage, snapshot(tiny_cluster), tiny_cluster, FateConfig(**SOLVE), [], {})
+    assert rm.big_m_ms == 50_000 + 20_000 + 4 * 3 * 2_000 + 1  # the tail's 8,000 s are not in it
+    for s in head:
+        rm.m.add(rm.x[(s.key, S3)] == 1)
+    status, solver = solve_values(rm)
+    assert status == "OPTIMAL" and solver.value(rm.makespan) == 94_000  # backlog + one shared load + all the work
+
+
 def test_6_device_finish_spreads_work_over_its_concurrent_slots(tiny_cluster):
     s = stage("s", n=4)  # 4 x 1 s on a device with 2 slots: 2 s
     rm = round_model(tiny_cluster, [s], [cand(s, G0, conc=2)])

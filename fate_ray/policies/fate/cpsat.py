@@ -73,13 +73,17 @@ class RoundModel:
 
     def _big_m_ms(self) -> int:
         """An upper bound on any finish time this round (big-M), from the same rounded milliseconds the
-        constraints use: every candidate's activation and work on one device behind the longest queue."""
-        worst_ms = 0
-        for cands in self.cands.values():
-            for c in cands:
-                worst_ms += _ms(c.terms.activation_s) + _ms(c.per_request_s) * c.num_requests
-        queue_ms = max((_ms(c.terms.queue_s) for cs in self.cands.values() for c in cs), default=0)
-        return queue_ms + worst_ms + 1
+        constraints use: the device whose backlog, loads and work would be longest if every stage of the round ran
+        there, alone (slots only shorten it). Only this round's stages count: a bound over every candidate of a
+        large frontier made the LP relaxation so weak that 256-stage rounds ran into the wall-clock limit."""
+        per_device: dict[str, tuple[int, dict[str, int], int]] = {}
+        for s in self.frontier:
+            for c in self.cands[s.key]:
+                queue_ms, load_ms, work_ms = per_device.get(c.device_id, (0, {}, 0))
+                load_ms[c.model] = max(load_ms.get(c.model, 0), _ms(c.terms.activation_s))
+                per_device[c.device_id] = (max(queue_ms, _ms(c.terms.queue_s)), load_ms,
+                                           work_ms + _ms(c.per_request_s) * c.num_requests)
+        return max((q + sum(loads.values()) + w for q, loads, w in per_device.values()), default=0) + 1
 
     def _add_assignment(self) -> None:
         m, cfg = self.m, self.cfg
