@@ -31,6 +31,8 @@ s' <=_d s: s' is at or ahead of s in d's queue order (oldest workflow first, the
     (7) Z >= T_d
     (8) c_d F_s >= c_d q_d + c_d sum_m act[m,d] load[m,d] + sum_{s' <=_d s} p[s',d] r[s',d] - c_d M (1 - x[s,d])
     (9) z[a,b,d] <= x[a,d], z[a,b,d] <= x[b,d]          for frontier pairs of one model sharing a prompt prefix
+    M = max_d (q_d + sum_m act[m,d] + sum_s p[s,d] R_s) over the round's stages only: every stage of the round
+        on d, alone, bounds every finish time, so (8) is void where x[s,d] = 0 (the rest of a frontier stays out)
     minimise  alpha Z + sum_s w_s F_s + sum_{s,d} o[s,d] x[s,d] + sum ev[m,d] (1 - keep[m,d]) - sum bonus z
 Warm start: hints from the greedy assignment and from the previous round's values of variables that reappear
 (stages re-planned after a failure). Limits: `time_limit_ms` wall and `deterministic_limit` (reproducible runs),
