@@ -19,7 +19,7 @@ from fate_ray.policies.least_loaded import LeastLoaded
 from fate_ray.state import ClusterSnapshot
 
 logger = logging.getLogger(__name__)
-DEFAULT_BUDGET_S = 10.0  # far above any sane round (CP-SAT's own limit is 100 ms): this catches bugs, not slowness
+DEFAULT_BUDGET_S = 10.0  # far above any sane round (CP-SAT's own wall limit is 500 ms): this catches bugs, not slowness
 
 
 def plan_problem(plan: Plan, frontier: Sequence[ReadyStage], snapshot: ClusterSnapshot, ctx: PolicyContext) -> str:
