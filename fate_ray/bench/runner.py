@@ -62,7 +62,7 @@ def run_job(job: Job) -> JobResult:
         "instance": inst.name, "group": inst.group, "regime": inst.regime, "seed": job.seed, "policy": job.policy,
         "workflows": len(workflows), "completed": len(res.completions_s), "failed": len(res.failed),
         "makespan_s": res.makespan_s, "p95_s": res.p95_s, "lb_s": bounds.makespan_s,
-        "p95_lb_s": bounds.p95_s,
+        "p95_lb_s": bounds.p95_s(res.completions_s),
         "prefix_hit_rate": res.prefix_hit_rate, "model_loads": res.loads, "model_wakes": res.wakes,
         "events": res.events, "sim_wall_s": res.wall_s,
         "plan_ms_p95": percentile(res.plan_ms, 95),

@@ -30,8 +30,9 @@ class FateConfig(BaseModel):
         "split, two stages on one device, or a stage the greedy assignment moved off its best-scored device); the "
         "others keep the greedy assignment (UNCONTENDED).")
     time_limit_ms: float = Field(500.0, gt=0, description="CP-SAT wall-clock limit per round: a stall guard. The "
-                                 "deterministic limit is what ends a round (planner-scale's 256-stage rounds reach it "
-                                 "in ~150 ms on 2 cores), so plans do not depend on how fast the machine is.")
+                                 "deterministic limit is what ends a round (planner-scale's 256-stage rounds "
+                                 "reached it within 139 ms on 2 cores), so plans do not depend on the machine's "
+                                 "speed unless it is over 3x slower.")
     deterministic_limit: float = Field(0.005, gt=0, description="CP-SAT deterministic-time limit per round, so that "
                                        "simulations are reproducible (wall time would depend on the machine).")
     num_workers: int = Field(1, ge=1, description="CP-SAT search workers.")
