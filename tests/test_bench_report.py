@@ -312,3 +312,12 @@ def test_planner_scale_reports_every_size_and_its_p95_as_a_ratio_to_the_smallest
         assert results["sizes"]["4x8"][name]["p95_over_4x8"] == 1.0
         bigger = results["sizes"]["8x16"][name]
         assert bigger["p95_over_4x8"] > 0 and bigger["rounds"] == 2 and sum(bigger["solver_status"].values()) == 2
+
+
+def test_planner_scale_counts_the_rounds_cp_sat_ended_on_its_wall_clock_limit(tmp_path):
+    # A 1 microsecond wall limit ends every solve before its deterministic budget: each such plan would differ on
+    # a faster machine, and the benchmark says how many there were. Baselines never have any.
+    results = run_planner_scale(load_cluster(default_cluster_path()), ["fate:time_limit_ms=0.001", "state_eft"],
+                                tmp_path, rounds=2, console=Console(file=io.StringIO()), sizes=((6, 8),))
+    assert results["sizes"]["6x8"]["fate:time_limit_ms=0.001"]["wall_limited_rounds"] == 2
+    assert results["sizes"]["6x8"]["state_eft"]["wall_limited_rounds"] == 0

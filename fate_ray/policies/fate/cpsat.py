@@ -32,6 +32,8 @@ class PrefixPair:
 class SolveResult:
     counts: Counts | None  # None unless the status is OPTIMAL or FEASIBLE
     status: str
+    # Stopped by the wall-clock limit before the deterministic one: the answer then depends on the machine's speed.
+    wall_limited: bool = False
 
 
 class _CpModel(cp_model.CpModel):
@@ -218,11 +220,13 @@ class RoundModel:
         # (makespan 1.002 [1.000, 1.005]): not worth 9% of FATE's simulation time.
         status = solver.solve(self.m)
         name = solver.status_name(status)
+        wall_limited = (status != cp_model.OPTIMAL and solver.wall_time >= self.cfg.time_limit_ms / 1000
+                        and solver.response_proto.deterministic_time < self.cfg.deterministic_limit)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return SolveResult(None, name)
+            return SolveResult(None, name, wall_limited)
         counts: Counts = {}
         for (stage, d), r in self.r.items():
             n = solver.value(r)
             if n:
                 counts.setdefault(stage, {})[d] = n
-        return SolveResult(counts, name)
+        return SolveResult(counts, name, wall_limited)

@@ -83,6 +83,7 @@ class FatePolicy(Policy):
         self._previous: Counts = {}
         self._device_type = {d.device_id: d.type for d in self.cluster.devices}
         self.last_scores: dict[StageKey, list[Candidate]] = {}
+        self.wall_limited_rounds = 0  # rounds CP-SAT ended on the wall-clock limit (planner-scale reports them)
 
     def plan(self, snapshot: ClusterSnapshot, frontier: Sequence[ReadyStage]) -> Plan:
         cands = self.scorer.score(snapshot, frontier)
@@ -123,6 +124,7 @@ class FatePolicy(Policy):
                                self._evict_ms(snapshot, frontier))
             model.hint({**self._previous, **greedy_head})
             result = model.solve()
+            self.wall_limited_rounds += result.wall_limited
             counts = result.counts if result.counts is not None else greedy_head
             status = result.status if result.counts is not None else f"FALLBACK_{result.status}"
         if tail:
