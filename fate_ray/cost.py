@@ -71,7 +71,9 @@ def transfer_seconds(cluster: ClusterSpec, input_bytes_by_node: Mapping[str, int
 def decode_seconds(profile: ModelProfile, output_tokens: Sequence[int], other_requests: int = 0) -> float:
     """Continuous batching: while k requests of the shard still decode, each step runs at batch k + others."""
     if len(output_tokens) > 1 and min(output_tokens) == max(output_tokens):
-        # One length (a stage's expected one, as planners ask): the whole batch decodes together. Same sum.
+        # One length (a stage's expected one, as planners ask): the whole batch decodes together, the same sum as
+        # the loop's. A fast path on the planner's hot path: a general pass over distinct lengths (Counter) gave
+        # equal sums but cost ~2 us more per call.
         out = output_tokens[0]
         return out * profile.decode_step_ms(len(output_tokens) + other_requests) / 1000.0 if out > 0 else 0.0
     outs = sorted(output_tokens, reverse=True)

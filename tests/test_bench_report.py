@@ -37,13 +37,13 @@ RR = NORMALISER
 
 
 def run(instance: str, seed: int, policy: str, makespan_s: float, p95_s: float, *, lb_s: float = 10.0,
-        group: str = "", regime: str = "", workflows: int = 2, completed: int = 2, loads: int = 0,
+        p95_lb_s: float = 1.0, group: str = "", regime: str = "", workflows: int = 2, completed: int = 2, loads: int = 0,
         plan_ms: tuple = (), prompt_tokens: int = 0, cached_tokens: int = 0) -> JobResult:
     """One (instance, seed, policy) run's record, as `run_job` builds it."""
     row = {"instance": instance, "group": group, "regime": regime, "seed": seed, "policy": policy,
            "workflows": workflows,
            "completed": completed, "failed": workflows - completed, "makespan_s": makespan_s, "p95_s": p95_s,
-           "lb_s": lb_s, "prefix_hit_rate": cached_tokens / prompt_tokens if prompt_tokens else 0.0,
+           "lb_s": lb_s, "p95_lb_s": p95_lb_s, "prefix_hit_rate": cached_tokens / prompt_tokens if prompt_tokens else 0.0,
            "model_loads": loads, "model_wakes": 0, "events": 10, "sim_wall_s": 0.01,
            "plan_ms_p95": percentile(plan_ms, 95)}
     return JobResult(row, list(plan_ms), prompt_tokens=prompt_tokens, cached_tokens=cached_tokens)

@@ -70,10 +70,9 @@ class RunBounds:
     makespan_s: float
     latency_bounds_s: dict[str, float]  # per workflow id, in input order: its critical path from its arrival
 
-    def p95_s(self, completed: Collection[str] | None = None) -> float:
-        """The P95 bound over the `completed` workflows (all when None): the set the run's P95 is taken over."""
-        bounds = self.latency_bounds_s
-        return percentile([bounds[w] for w in (bounds if completed is None else completed)], 95)
+    def p95_s(self, completed: Collection[str]) -> float:
+        """The P95 bound over the `completed` workflows: the set the run's P95 is taken over."""
+        return percentile([self.latency_bounds_s[w] for w in completed], 95)
 
 
 def lower_bounds(workflows: Sequence[Workflow], cluster: ClusterSpec, draws: Draws, perturb: float = 0.0,

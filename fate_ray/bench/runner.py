@@ -145,7 +145,7 @@ def _summarise(results: Sequence[JobResult], base: dict) -> dict:
         "makespan_s": _mean([r["makespan_s"] for r in rows]),
         "p95_s": _mean([r["p95_s"] for r in rows]),
         "lb_ratio": geomean([r["makespan_s"] / r["lb_s"] for r in rows if r["lb_s"] > 0]),
-        "p95_lb_ratio": geomean([r["p95_s"] / r["p95_lb_s"] for r in rows if r.get("p95_lb_s", 0) > 0]),
+        "p95_lb_ratio": geomean([r["p95_s"] / r["p95_lb_s"] for r in rows if r["p95_lb_s"] > 0]),
         "prefix_hit_rate": sum(r.cached_tokens for r in results) / prompt if prompt else 0.0,
         "model_loads": _mean([r["model_loads"] for r in rows]),
         "model_wakes": _mean([r["model_wakes"] for r in rows]),

@@ -65,6 +65,10 @@ class RoundModel:
         self.finish_d: dict[str, cp_model.IntVar] = {}
         self.finish_s: dict[StageKey, cp_model.IntVar] = {}
         self.objective_terms: list = []
+        self.by_device: dict[str, list[Candidate]] = {}  # this round's candidates, per device
+        for s in frontier:
+            for c in candidates[s.key]:
+                self.by_device.setdefault(c.device_id, []).append(c)
         self.big_m_ms = self._big_m_ms()
         self._add_assignment()      # (1)-(3)
         self._add_shared_loads()    # (4)
@@ -76,16 +80,16 @@ class RoundModel:
     def _big_m_ms(self) -> int:
         """An upper bound on any finish time this round (big-M), from the same rounded milliseconds the
         constraints use: the device whose backlog, loads and work would be longest if every stage of the round ran
-        there, alone (slots only shorten it). Only this round's stages count: a bound over every candidate of a
-        large frontier made the LP relaxation so weak that 256-stage rounds ran into the wall-clock limit."""
-        per_device: dict[str, tuple[int, dict[str, int], int]] = {}
-        for s in self.frontier:
-            for c in self.cands[s.key]:
-                queue_ms, load_ms, work_ms = per_device.get(c.device_id, (0, {}, 0))
+        there, alone (slots only shorten it). Only this round's stages count, not the rest of a large frontier: a
+        looser M weakens the LP relaxation."""
+        worst_ms = 0
+        for cands in self.by_device.values():
+            load_ms: dict[str, int] = {}
+            for c in cands:
                 load_ms[c.model] = max(load_ms.get(c.model, 0), _ms(c.terms.activation_s))
-                per_device[c.device_id] = (max(queue_ms, _ms(c.terms.queue_s)), load_ms,
-                                           work_ms + _ms(c.per_request_s) * c.num_requests)
-        return max((q + sum(loads.values()) + w for q, loads, w in per_device.values()), default=0) + 1
+            work_ms = sum(_ms(c.per_request_s) * c.num_requests for c in cands)
+            worst_ms = max(worst_ms, _ms(cands[0].terms.queue_s) + sum(load_ms.values()) + work_ms)
+        return worst_ms + 1
 
     def _add_assignment(self) -> None:
         m, cfg = self.m, self.cfg
@@ -140,13 +144,9 @@ class RoundModel:
 
     def _add_finish_times(self) -> None:
         m, big = self.m, self.big_m_ms
-        per_device: dict[str, list[Candidate]] = {}
-        for s in self.frontier:
-            for c in self.cands[s.key]:
-                per_device.setdefault(c.device_id, []).append(c)
         makespan = self.makespan = m.new_int_var(0, big, "makespan")
         fixed_ms: dict = {}  # per device, x its concurrency: the backlog and the round's loads there
-        for d, cands in per_device.items():
+        for d, cands in self.by_device.items():
             conc = cands[0].concurrency
             queue = _ms(cands[0].terms.queue_s)
             t = self.finish_d[d] = m.new_int_var(0, big, f"T[{d}]")
