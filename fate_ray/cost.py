@@ -109,6 +109,7 @@ def cached_blocks_per_request(cache: PrefixCache | None, chains: Sequence[Sequen
 
 
 MAX_OBSERVATIONS = 200_000
+_UNCALIBRATED = (1.0, 1.0, 1.0)
 
 
 class Calibration:
@@ -119,6 +120,9 @@ class Calibration:
         self.step = step
         self.enabled = enabled
         self._factor: dict[tuple[str, str, str], float] = {}
+        # NOTE: the three phases' factors per (model, device type) as one tuple, kept beside `_factor`, because
+        # every estimate reads all three and one lookup is a third of three (the estimator's hottest path).
+        self._phase_factors: dict[tuple[str, str], tuple[float, float, float]] = {}
         # Per phase, bounded (a long-lived planner observes forever); far above one benchmark run's observations.
         self._log_errors: dict[str, deque[float]] = {}  # of the estimates used (calibrated)
         self._raw_log_errors: dict[str, deque[float]] = {}  # of the formula alone
@@ -126,22 +130,30 @@ class Calibration:
     def factor(self, model: str, device_type: str, phase: str) -> float:
         return self._factor.get((model, device_type, phase), 1.0) if self.enabled else 1.0
 
+    def factors(self, model: str, device_type: str) -> tuple[float, float, float]:
+        """The activation, prefill and decode factors (as `factor` gives them one by one)."""
+        return self._phase_factors.get((model, device_type), _UNCALIBRATED) if self.enabled else _UNCALIBRATED
+
     def observe(self, model: str, device_type: str, phase: str, measured_s: float, estimated_s: float) -> None:
         """Record one measurement of a phase against the raw (uncalibrated) estimate of it."""
         if measured_s <= 0 or estimated_s <= 0:
             return
         key = (model, device_type, phase)
         calibrated = estimated_s * self.factor(model, device_type, phase)  # what the planner actually used
-        self._log_errors.setdefault(phase, deque(maxlen=MAX_OBSERVATIONS)).append(abs(math.log(measured_s / calibrated)))
-        self._raw_log_errors.setdefault(phase, deque(maxlen=MAX_OBSERVATIONS)).append(
-            abs(math.log(measured_s / estimated_s)))
+        log_ratio = math.log(measured_s / estimated_s)
+        if phase not in self._log_errors:
+            self._log_errors[phase] = deque(maxlen=MAX_OBSERVATIONS)
+            self._raw_log_errors[phase] = deque(maxlen=MAX_OBSERVATIONS)
+        self._log_errors[phase].append(abs(math.log(measured_s / calibrated)))
+        self._raw_log_errors[phase].append(abs(log_ratio))
         # A median tracker in log space: each observation moves the factor by at most `step` toward it. The
         # ratio is skewed (a shard is slowed by whatever else shares the device), and the median, not the mean,
         # is what minimises the typical |log error| we report.
         # It starts at 1 (trust the formula) rather than at the first ratio, which may be an outlier.
-        log_ratio = math.log(measured_s / estimated_s)
         log_old = math.log(self._factor.get(key, 1.0))
         self._factor[key] = math.exp(log_old + max(-self.step, min(self.step, log_ratio - log_old)))
+        self._phase_factors[(model, device_type)] = tuple(self._factor.get((model, device_type, p), 1.0)
+                                                          for p in PHASES)
 
     def median_abs_log_error(self, uncalibrated: bool = False, phase: str | None = None) -> float:
         """Median |log(measured / estimated)| over the observations (of one phase, or all); `uncalibrated`: of
@@ -164,9 +176,13 @@ class CostEstimator:
         self.cluster = cluster
         self.calibration = calibration or Calibration(enabled=False)
         self.block_tokens = cluster.block_tokens
+        self._profiles: dict[tuple[str, str], ModelProfile] = {}
 
     def profile(self, model: str, device_type: str) -> ModelProfile:
-        return self.cluster.models[model].profiles[device_type]
+        prof = self._profiles.get((model, device_type))
+        if prof is None:
+            prof = self._profiles[(model, device_type)] = self.cluster.models[model].profiles[device_type]
+        return prof
 
     def observe_shard(self, model: str, device_type: str, prompt_tokens: int, cached_tokens: int,
                       output_tokens: Sequence[int], measured_s: Mapping[str, float]) -> None:
@@ -197,25 +213,21 @@ class CostEstimator:
         `other_shards` / `other_requests` are what already runs on the device (contention).
         """
         prof = self.profile(model, device_type)
-        cal = self.calibration
         state = device.state_of(model) if device is not None else "ACTIVE"
         activation = activation_for(state)
         activation_s = activation_seconds(prof, activation)
         cache = device.caches.get(model) if device is not None and state == "ACTIVE" else None
         prompt = sum(r.prompt_tokens for r in requests)
-        cached = min(prompt, cached_tokens_in_batch(cache, requests, self.block_tokens)) if device else 0
+        if device is None or (cache is None and len(requests) == 1):
+            cached = 0  # nothing on the device, and no earlier request of the batch to share with
+        else:
+            cached = min(prompt, cached_tokens_in_batch(cache, requests, self.block_tokens))
         prefill_s = (prompt - cached) / prof.prefill_tok_s * (1 + other_shards)
         decode_s = decode_seconds(prof, [r.output_tokens for r in requests], other_requests)
         transfer_s = transfer_seconds(self.cluster, input_bytes_by_node, node) if input_bytes_by_node else 0.0
-        return ShardCost(
-            activation=activation,
-            activation_s=activation_s * cal.factor(model, device_type, "activation"),
-            transfer_s=transfer_s,
-            prefill_s=prefill_s * cal.factor(model, device_type, "prefill"),
-            decode_s=decode_s * cal.factor(model, device_type, "decode"),
-            prompt_tokens=prompt,
-            cached_tokens=cached,
-        )
+        activation_factor, prefill_factor, decode_factor = self.calibration.factors(model, device_type)
+        return ShardCost(activation, activation_s * activation_factor, transfer_s, prefill_s * prefill_factor,
+                         decode_s * decode_factor, prompt, cached)
 
     def activation_s(self, model: str, device_type: str, state: Residency) -> float:
         """Calibrated time to make `model`, now in `state`, ACTIVE on a device of `device_type`."""
