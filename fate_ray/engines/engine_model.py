@@ -211,8 +211,13 @@ class ModelledEngine:
         """When the next shard may finish or the batch changes (inf when idle)."""
         best = math.inf
         for eng in self.engines.values():
-            w = self._window(eng)
-            if w is not None and w.end_s < best:
+            w = eng.window
+            if w is None:
+                # NOTE: the idle and cached cases inline, saving a `_window` call for most engines on every event.
+                if not (eng.waiting or eng.prefilling or eng.decoding):
+                    continue
+                w = self._window(eng)
+            if w.end_s < best:
                 best = w.end_s
         return best
 
@@ -224,8 +229,12 @@ class ModelledEngine:
         while True:
             eng, w = None, None
             for e in self.engines.values():
-                ew = self._window(e)
-                if ew is not None and ew.end_s <= now_s and (w is None or ew.end_s < w.end_s):
+                ew = e.window
+                if ew is None:  # NOTE: inlined as in next_event_s
+                    if not (e.waiting or e.prefilling or e.decoding):
+                        continue
+                    ew = self._window(e)
+                if ew.end_s <= now_s and (w is None or ew.end_s < w.end_s):
                     eng, w = e, ew
             if eng is None:
                 break
@@ -254,26 +263,28 @@ class ModelledEngine:
 
     # -- one engine ----------------------------------------------------------------------------------------------------
     def _busy_engines(self) -> int:
-        return max(1, sum(1 for e in self.engines.values() if e.running))
+        busy = 0
+        for e in self.engines.values():  # NOTE: a loop, not sum() over a generator: this runs for every window
+            if e.prefilling or e.decoding:
+                busy += 1
+        return max(1, busy)
 
     def _window(self, eng: _ModelEngine) -> _Window | None:
         if eng.window is not None:
             return eng.window
-        start = max(eng.clock_s, eng.ready_at_s)
-        if not eng.has_work:
+        if not (eng.waiting or eng.prefilling or eng.decoding):
             return None
-        if start > eng.clock_s:  # the model is still loading: the first event is the load completing
-            eng.window = _Window(start, 0, True, start_s=eng.clock_s)
+        if eng.ready_at_s > eng.clock_s:  # the model is still loading: the first event is the load completing
+            eng.window = _Window(eng.ready_at_s, 0, True, start_s=eng.clock_s)
             return eng.window
         self._admit(eng)
-        if not eng.running:
+        if not (eng.prefilling or eng.decoding):
             # Nothing fits next to nothing: a request larger than the pool runs alone, over capacity.
             self._admit(eng, force=True)
         slow = self._busy_engines()
         phys, bt = eng.phys, self.block_tokens
         decoders = len(eng.decoding)
-        context = sum(r.context for r in eng.decoding)
-        remaining = min((r.output_target - r.generated for r in eng.decoding), default=math.inf)
+        context, remaining = self._decode_totals(eng.decoding)
         # Steps until the pool cannot give a decoding request its next block.
         room = eng.kv.free_blocks
         kv_steps = math.inf if not decoders else max(1, room * bt // decoders)
@@ -296,14 +307,29 @@ class ModelledEngine:
             eng.window = _Window(eng.clock_s + total, steps, True, s0_s=s0, growth_s=growth, start_s=eng.clock_s)
         return eng.window
 
+    @staticmethod
+    def _decode_totals(decoding: list[_Request]) -> tuple[int, float]:
+        """The decoding requests' total context, and the fewest tokens any of them has left (inf: none decodes).
+        NOTE: one loop instead of sum() and min() over two generators, on every window."""
+        context, remaining = 0, math.inf
+        for r in decoding:
+            context += r.prompt_tokens + r.generated
+            left = r.output_target - r.generated
+            if left < remaining:
+                remaining = left
+        return context, remaining
+
     def _apply(self, eng: _ModelEngine, w: _Window, steps: int, end_s: float, done: list) -> None:
         """Advance `eng` by `steps` steps of window `w`, ending at `end_s`."""
         eng.window = None
         eng.clock_s = end_s
         if not steps:
             return
+        ended = []  # in the order of eng.decoding after the prefills that complete join it
         for r in eng.decoding:
             r.generated += steps
+            if r.generated >= r.output_target:
+                ended.append(r)
         if eng.prefilling:
             budget = max(1, MAX_BATCHED_TOKENS - len(eng.decoding))
             tokens = steps * budget
@@ -321,13 +347,15 @@ class ModelledEngine:
                 r.generated = max(r.generated, 1)  # the step that ends a prefill samples the first token
                 r.run.prefilled_s = max(r.run.prefilled_s, end_s)
                 eng.decoding.append(r)
-        ended = [r for r in eng.decoding if r.generated >= r.output_target]
+                if r.generated >= r.output_target:
+                    ended.append(r)
         if ended:
             eng.decoding = [r for r in eng.decoding if r.generated < r.output_target]
             for r in ended:
                 self._finish_request(eng, r, end_s, done)
         self._grow(eng)
-        self._admit(eng)
+        if eng.waiting:
+            self._admit(eng)
 
     def _blocks_for(self, r: _Request) -> int:
         """Private blocks a running request needs: its context beyond the hashed prompt blocks it pinned."""
@@ -335,7 +363,10 @@ class ModelledEngine:
 
     def _grow(self, eng: _ModelEngine) -> None:
         """Give decoding requests the blocks their new tokens need; preempt the newest when the pool is full."""
-        need = sum(self._blocks_for(r) - r.private for r in eng.decoding)
+        # NOTE: each request's blocks computed once, for the need and then its new holding (preemption pops from
+        # the end, so the list stays aligned with eng.decoding).
+        blocks = [self._blocks_for(r) for r in eng.decoding]
+        need = sum(blocks) - sum(r.private for r in eng.decoding)
         if need <= 0:
             return
         while not eng.kv.make_room(need) and eng.decoding:
@@ -348,15 +379,15 @@ class ModelledEngine:
             eng.waiting.appendleft(victim)
         if need > 0:
             eng.kv.private_blocks += need
-        for r in eng.decoding:
-            r.private = self._blocks_for(r)
+        for r, held in zip(eng.decoding, blocks):
+            r.private = held
 
     def _admit(self, eng: _ModelEngine, force: bool = False) -> None:
         """Move waiting requests to prefill, FCFS, while their uncached prompt blocks fit (`force`: the head
         request even if it does not, when nothing else runs: a prompt larger than the pool)."""
         bt = self.block_tokens
         kv = eng.kv
-        while eng.waiting and eng.running < MAX_NUM_SEQS:
+        while eng.waiting and len(eng.prefilling) + len(eng.decoding) < MAX_NUM_SEQS:
             r = eng.waiting[0]
             matched = kv.match(r.hashes)
             private = -(-(r.prompt_tokens - chain_blocks(r.hashes) * bt) // bt)
