@@ -277,7 +277,8 @@ class ModelledEngine:
         if eng.ready_at_s > eng.clock_s:  # the model is still loading: the first event is the load completing
             eng.window = _Window(eng.ready_at_s, 0, True, start_s=eng.clock_s)
             return eng.window
-        self._admit(eng)
+        if eng.waiting:
+            self._admit(eng)
         if not (eng.prefilling or eng.decoding):
             # Nothing fits next to nothing: a request larger than the pool runs alone, over capacity.
             self._admit(eng, force=True)
@@ -357,21 +358,19 @@ class ModelledEngine:
         if eng.waiting:
             self._admit(eng)
 
-    def _blocks_for(self, r: _Request) -> int:
-        """Private blocks a running request needs: its context beyond the hashed prompt blocks it pinned."""
-        return -(-(r.context - chain_blocks(r.pinned) * self.block_tokens) // self.block_tokens)
-
     def _grow(self, eng: _ModelEngine) -> None:
         """Give decoding requests the blocks their new tokens need; preempt the newest when the pool is full."""
-        # NOTE: each request's blocks computed once, for the need and then its new holding (preemption pops from
-        # the end, so the list stays aligned with eng.decoding).
-        blocks = [self._blocks_for(r) for r in eng.decoding]
+        bt = self.block_tokens
+        # The private blocks each decoding request needs: its context beyond the hashed prompt blocks it pinned.
+        # NOTE: computed once per request, for the need and then for its new holding (kept aligned with
+        # eng.decoding: a preempted request leaves both from the end).
+        blocks = [-(-(r.prompt_tokens + r.generated - chain_blocks(r.pinned) * bt) // bt) for r in eng.decoding]
         need = sum(blocks) - sum(r.private for r in eng.decoding)
         if need <= 0:
             return
         while not eng.kv.make_room(need) and eng.decoding:
             victim = eng.decoding.pop()  # vLLM preempts the lowest-priority (last admitted) running request
-            need -= self._blocks_for(victim) - victim.private
+            need -= blocks.pop() - victim.private
             eng.kv.release(victim.pinned, victim.private)
             # Recompute: what it generated becomes prompt, to prefill again when memory allows.
             victim.prompt_tokens, victim.output_target = victim.context, victim.output_target - victim.generated
