@@ -110,10 +110,6 @@ class _ModelEngine:
     window: _Window | None = None
 
     @property
-    def running(self) -> int:
-        return len(self.prefilling) + len(self.decoding)
-
-    @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding)
 

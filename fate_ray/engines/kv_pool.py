@@ -58,7 +58,7 @@ class KvPool:
         new_sizes = run_sizes(hashes, matched)
         new = sum(new_sizes)
         # NOTE: plain loops and one update of lru_blocks, not sum() over a generator and an update per run (a
-        # quarter of admit's time, which runs for every request).
+        # fifth of admit's time, which runs for every request).
         reused = 0  # blocks of matched runs nobody uses: in free_blocks (evictable), but this admission pins them
         for h in hashes[:matched]:
             if refs[h] == 0:
