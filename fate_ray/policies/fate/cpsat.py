@@ -17,6 +17,7 @@ from fate_ray.schema.cluster import ClusterSpec
 from fate_ray.state import ClusterSnapshot
 
 MIB_PER_GIB = 1024
+LinearExpr = cp_model.LinearExpr
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,12 @@ class SolveResult:
     status: str
     # Stopped by the wall-clock limit before the deterministic one: the answer then depends on the machine's speed.
     wall_limited: bool = False
+
+
+# NOTE on building expressions: a Python `sum()` of k terms builds k nested expression objects (and a running sum,
+# extended per stage, rebuilds its chain at each constraint); `LinearExpr.weighted_sum(vars, coeffs) + constant` is
+# one object. Both flatten to the same constraint (variables in the order written, zero coefficients dropped, the
+# constant in the bounds), so the model handed to the solver is the same; this saves about a third of building it.
 
 
 class _CpModel(cp_model.CpModel):
@@ -107,9 +114,9 @@ class RoundModel:
                 else:
                     m.add(r == total * x)
                 xs.append(x)
-            m.add(sum(self.r[(s.key, c.device_id)] for c in self.cands[s.key]) == total)   # (1) all placed
+            m.add(LinearExpr.sum([self.r[(s.key, c.device_id)] for c in self.cands[s.key]]) == total)  # (1)
             if shardable:
-                m.add(sum(xs) <= cfg.max_shards)                                         # (3) bounded shards
+                m.add(LinearExpr.sum(xs) <= cfg.max_shards)                             # (3) bounded shards
             else:
                 m.add_exactly_one(xs)
 
@@ -145,32 +152,38 @@ class RoundModel:
     def _add_finish_times(self) -> None:
         m, big = self.m, self.big_m_ms
         makespan = self.makespan = m.new_int_var(0, big, "makespan")
-        fixed_ms: dict = {}  # per device, x its concurrency: the backlog and the round's loads there
+        # Per device, x its concurrency: the backlog (a constant) and the round's loads there (terms), then, in (8),
+        # the work of the stages placed ahead so far. Terms as parallel lists of variables and coefficients.
+        fixed_ms: dict[str, int] = {}
+        ahead_vars: dict[str, list] = {}
+        ahead_coeffs: dict[str, list[int]] = {}
         for d, cands in self.by_device.items():
             conc = cands[0].concurrency
-            queue = _ms(cands[0].terms.queue_s)
+            fixed_ms[d] = conc * _ms(cands[0].terms.queue_s)
             t = self.finish_d[d] = m.new_int_var(0, big, f"T[{d}]")
-            loads = [(c.model, _ms(c.terms.activation_s)) for c in cands if (c.model, d) in self.load]
-            work = sum(_ms(c.per_request_s) * self.r[(c.stage, d)] for c in cands)
-            seen = set()
-            load_ms = []
-            for model, ms in loads:
-                if model not in seen:
-                    seen.add(model)
-                    load_ms.append(conc * ms * self.load[(model, d)])
-            fixed_ms[d] = conc * queue + sum(load_ms)
-            m.add(conc * t >= fixed_ms[d] + work)                                           # (6) device finish
+            load_ms: dict[str, int] = {}  # per model loaded here, from its first candidate on d
+            for c in cands:
+                if (c.model, d) in self.load and c.model not in load_ms:
+                    load_ms[c.model] = _ms(c.terms.activation_s)
+            ahead_vars[d] = [self.load[(model, d)] for model in load_ms]
+            ahead_coeffs[d] = [conc * ms for ms in load_ms.values()]
+            work_vars = [self.r[(c.stage, d)] for c in cands]
+            work_coeffs = [_ms(c.per_request_s) for c in cands]
+            m.add(conc * t >= LinearExpr.weighted_sum(ahead_vars[d] + work_vars, ahead_coeffs[d] + work_coeffs)
+                  + fixed_ms[d])                                                            # (6) device finish
             m.add(makespan >= t)                                                            # (7) makespan
         # (8) A stage finishes once the work queued before it on its device is done: the backlog, the round's loads
         # there, and the round's stages ahead of it in the device's queue order (oldest workflow first, then
-        # upward rank: the Controller's default), itself included, over the device's slots.
-        ahead = dict(fixed_ms)  # per device: that plus the work of the stages placed ahead so far, x concurrency
+        # upward rank: the Controller's default), itself included, over the device's slots. The big-M term
+        # `- conc big (1 - x)` is written as `+ conc big x - conc big`.
         for s in sorted(self.frontier, key=lambda s: (s.arrival_s, -s.rank_s, s.key)):
             f = self.finish_s[s.key] = m.new_int_var(0, big, f"F[{s.key}]")
             for c in self.cands[s.key]:
                 d, conc = c.device_id, c.concurrency
-                ahead[d] = ahead[d] + _ms(c.per_request_s) * self.r[(s.key, d)]
-                m.add(conc * f >= ahead[d] - conc * big * (1 - self.x[(s.key, d)]))                   # (8)
+                ahead_vars[d].append(self.r[(s.key, d)])
+                ahead_coeffs[d].append(_ms(c.per_request_s))
+                released = LinearExpr.weighted_sum(ahead_vars[d] + [self.x[(s.key, d)]], ahead_coeffs[d] + [conc * big])
+                m.add(conc * f >= released + (fixed_ms[d] - conc * big))                   # (8)
 
     def _add_prefix_pairs(self) -> None:
         self.z = []
@@ -188,26 +201,38 @@ class RoundModel:
         now = self.snapshot.now_s
         max_rank = max((s.rank_s for s in self.frontier), default=0.0) or 1.0
         max_age = max((now - s.arrival_s for s in self.frontier), default=0.0) or 1.0
-        terms = [int(round(cfg.alpha * 100)) * self.makespan]
+        variables, coeffs = [self.makespan], [int(round(cfg.alpha * 100))]
         for s in self.frontier:
             # Critical-path stages weigh up to 2x (makespan), the oldest workflow's up to 2x more (its latency: P95).
             age = max(0.0, now - s.arrival_s)
-            weight = 100 + int(round(100 * s.rank_s / max_rank)) + int(round(100 * age / max_age))
-            terms.append(weight * self.finish_s[s.key])
+            variables.append(self.finish_s[s.key])
+            coeffs.append(100 + int(round(100 * s.rank_s / max_rank)) + int(round(100 * age / max_age)))
             for c in self.cands[s.key]:
                 offset_s = c.offset_s - cfg.lam * c.terms.eviction_s  # evictions are explicit (keep) here
-                terms.append(100 * int(round(offset_s * 1000)) * self.x[(s.key, c.device_id)])
+                variables.append(self.x[(s.key, c.device_id)])
+                coeffs.append(100 * int(round(offset_s * 1000)))
+        evicted_ms = 0  # sum ev (1 - keep) = sum ev - sum ev keep
         for (m, d), keep in self.keep.items():
-            terms.append(100 * int(cfg.lam * self.evict_ms.get((m, d), 0)) * (1 - keep))
-        terms += [-100 * bonus * z for z, bonus in self.z]
-        self.m.minimize(sum(terms))
+            ev = 100 * int(cfg.lam * self.evict_ms.get((m, d), 0))
+            variables.append(keep)
+            coeffs.append(-ev)
+            evicted_ms += ev
+        for z, bonus in self.z:
+            variables.append(z)
+            coeffs.append(-100 * bonus)
+        self.m.minimize(LinearExpr.weighted_sum(variables, coeffs) + evicted_ms)
 
     # -- solving ----------------------------------------------------------------------------------------------------
     def hint(self, counts: Counts) -> None:
+        # NOTE: the hint's repeated fields extended once, not an add_hint call (and two appends) per variable: the
+        # same (r, x) pairs in the same order, in a tenth of the time.
+        variables, values = [], []
         for (stage, d), r in self.r.items():
             n = counts.get(stage, {}).get(d, 0)
-            self.m.add_hint(r, n)
-            self.m.add_hint(self.x[(stage, d)], 1 if n else 0)
+            variables += (r.index, self.x[(stage, d)].index)
+            values += (n, 1 if n else 0)
+        self.m.model_proto.solution_hint.vars.extend(variables)
+        self.m.model_proto.solution_hint.values.extend(values)
 
     def solve(self) -> SolveResult:
         solver = cp_model.CpSolver()

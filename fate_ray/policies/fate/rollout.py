@@ -110,6 +110,17 @@ def _horizon(dag: DagInfo, sid: str, cfg: FateConfig, cluster: ClusterSpec) -> t
     return tuple(out)
 
 
+def _ready_s(parents: Sequence[str], finish: Mapping[str, float], default_s: float) -> float:
+    """The latest finish of h's parents placed in the rollout (`default_s`, s's finish, if none was): the
+    `max(..., default=...)` of a generator, spelled out (it is called for every horizon stage of every rollout)."""
+    ready = None
+    for p in parents:
+        f = finish.get(p)
+        if f is not None and (ready is None or f > ready):
+            ready = f
+    return default_s if ready is None else ready
+
+
 def _first_part(dag: DagInfo, stage_id: str):
     prompts = dag.stages[stage_id].prompts
     return prompts[0][0] if prompts and prompts[0] else None
@@ -117,8 +128,9 @@ def _first_part(dag: DagInfo, stage_id: str):
 
 class Rollout:
     """One planning round's rollouts. `options[h]` lists, per live device that fits h's model: id(device), the
-    device, its concurrency, the activation of h's model there now and after an eviction, h's stateless service there and the
-    prefill seconds saved per cached token (the Scorer's `_options`)."""
+    device, its concurrency, the activation of h's model there now and after an eviction, h's stateless service there,
+    the prefill seconds saved per cached token, and the work h is there without such savings (the service, never
+    negative) (the Scorer's `_options`)."""
 
     def __init__(self, cluster: ClusterSpec, live: Sequence[DeviceSnapshot], now_s: float):
         self.cluster = cluster
@@ -142,25 +154,33 @@ class Rollout:
             opts = options[h.stage_id]
             if not opts:
                 continue  # its model fits no live device: the Controller fails that workflow, not the planner
-            ready = max((finish[p] for p in h.parents if p in finish), default=finish_s)
+            ready = _ready_s(h.parents, finish, finish_s)
             model, shared = h.model, h.shared_tokens
             continued_on = where.get(h.continues) if h.continues else None
+            shared_on = d_key if shared else None
             # The inner loop is the planner's hottest: conditionals rather than max(), keys precomputed.
             best = None
             best_done = math.inf
-            for key, e, conc, act_now, act_cold, service, hit_s_per_token in opts:
+            for key, e, conc, act_now, act_cold, service, hit_s_per_token, service_work in opts:
                 if model in active[key]:
                     act = 0.0
                 else:
                     act = act_cold if (key, model) in evicted else act_now
-                loc = h.context_tokens * hit_s_per_token if key == continued_on else 0.0
-                pre = shared * hit_s_per_token if shared and key == d_key else 0.0
-                work = service - loc - pre
-                if work < 0.0:
-                    work = 0.0
                 start = free[key]
                 if ready > start:
                     start = ready
+                # NOTE: only the device h continues a context on and s's device (shared text) can save prefill;
+                # elsewhere the work is the option's service as is (`service_work`, precomputed), which skips
+                # two products and two subtractions per option.
+                if key == continued_on or key == shared_on:
+                    loc = h.context_tokens * hit_s_per_token if key == continued_on else 0.0
+                    pre = shared * hit_s_per_token if key == shared_on else 0.0
+                    work = service - loc - pre
+                    if work < 0.0:
+                        work = 0.0
+                else:
+                    loc = pre = 0.0
+                    work = service_work
                 done = start + act + work
                 if best is None or done < best_done:
                     best_done = done
@@ -173,8 +193,12 @@ class Rollout:
             where[h.stage_id] = key
             w = h.weight
             residency += w * act
-            locality -= w * min(loc, service)
-            prefix -= w * min(pre, max(0.0, service - loc))
+            # min() and max() spelled as conditionals (same values: min/max keep the first of equals)
+            locality -= w * (service if service < loc else loc)
+            rest = service - loc
+            if not rest > 0.0:
+                rest = 0.0
+            prefix -= w * (rest if rest < pre else pre)
             occupancy += w * (start + service)
         total = residency + locality + prefix + occupancy
         return RolloutCost(total, residency, locality, prefix, occupancy)

@@ -87,6 +87,8 @@ class Scorer:
         self._stage_memo: dict[tuple, tuple[float, float, float, float]] = {}
         self._activation_memo: dict[tuple[str, str, Residency], float] = {}
         self._options_memo: dict[tuple[int, str], list[tuple]] = {}
+        self._model_options_memo: dict[str, list[tuple]] = {}
+        self._evictions_memo: dict[tuple[str, int], tuple[tuple[str, ...], float]] = {}
         self._scarcity_memo: dict[tuple[str, str], float] = {}
         self._hit_memo: dict[tuple[str, str], float] = {}
         live = [d for d in snapshot.devices if d.alive]
@@ -134,12 +136,7 @@ class Scorer:
         queue_s = max(0.0, d.free_at_s - now)
         service_s = self._service_s(s, d)
         activation_s = self._activation_s(s.model, d) if cfg.residency else 0.0
-        eviction_s = 0.0
-        evicts = d.plan_activation(s.model, self.cluster.models).evict if cfg.residency else ()
-        if cfg.residency and cfg.horizon_hops > 0:
-            for m in evicts:
-                if m in needed and not any(e.state_of(m) == "ACTIVE" for e in live if e is not d):
-                    eviction_s += self._activation_s(m, d, assume="ABSENT")
+        evicts, eviction_s = self._evictions(s.model, d, live, needed)
         occupy_s = (activation_s + service_s) / d.concurrency
         rollout = ZERO
         if cfg.horizon_hops > 0:
@@ -155,6 +152,23 @@ class Scorer:
                     if m != s.model and fit_count.get(m, 0) and fit_count[m] < n_live and (m, dtype) in self._fits)
             reach_s = cfg.reach_weight * occupy_s * scarcity
         return Terms(queue_s, activation_s, service_s, eviction_s, 0.0, 0.0, 0.0, reach_s), rollout
+
+    def _evictions(self, model: str, d: DeviceSnapshot, live, needed: Sequence[str]) -> tuple[tuple[str, ...], float]:
+        """The models activating `model` on d evicts, and the eviction term: reloading those other pending stages
+        need that no other device has ACTIVE. Memoised per round: every frontier stage of the model reads the
+        same."""
+        key = (model, id(d))
+        value = self._evictions_memo.get(key)
+        if value is None:
+            cfg = self.cfg
+            eviction_s = 0.0
+            evicts = d.plan_activation(model, self.cluster.models).evict if cfg.residency else ()
+            if cfg.residency and cfg.horizon_hops > 0:
+                for m in evicts:
+                    if m in needed and not any(e.state_of(m) == "ACTIVE" for e in live if e is not d):
+                        eviction_s += self._activation_s(m, d, assume="ABSENT")
+            value = self._evictions_memo[key] = (evicts, eviction_s)
+        return value
 
     def _candidate(self, s: ReadyStage, d: DeviceSnapshot, t: Terms, future: RolloutCost) -> Candidate:
         """The candidate with its look-ahead: its rollout over the stage's best one, term by term (a dimension an
@@ -205,16 +219,29 @@ class Scorer:
 
     def _options(self, dag: DagInfo, h: HorizonStage, live) -> list[tuple]:
         """Per round, the live devices that fit h's model, as the rollout reads them: (id(device), device, concurrency,
-        activation now, activation after an eviction, stateless service, prefill seconds saved per cached token)."""
+        activation now, activation after an eviction, stateless service, prefill seconds saved per cached token,
+        the service as work: never negative)."""
         key = (id(dag), h.stage_id)
         options = self._options_memo.get(key)
         if options is None:
+            options = self._options_memo[key] = []
+            for key_e, e, conc, act_now, act_cold, hit in self._model_options(h.model, live):
+                service = self._child_service_s(dag, h.stage_id, e.device.type)
+                options.append((key_e, e, conc, act_now, act_cold, service, hit, service if not service < 0.0 else 0.0))
+        return options
+
+    def _model_options(self, model: str, live) -> list[tuple]:
+        """Per round, the part of `_options` that depends on the model only (the horizon stages of one model
+        share it): (id(device), device, concurrency, activation now, after an eviction, prefill s per cached
+        token)."""
+        options = self._model_options_memo.get(model)
+        if options is None:
             residency = self.cfg.residency  # off (an ablation): activations cost nothing here, as in `immediate`
-            options = self._options_memo[key] = [
-                (id(e), e, e.concurrency, self._activation_s(h.model, e) if residency else 0.0,
-                 self._activation_s(h.model, e, assume="ABSENT") if residency else 0.0,
-                 self._child_service_s(dag, h.stage_id, e.device.type), self._hit_s_per_token(h.model, e.device.type))
-                for e in live if (h.model, e.device.type) in self._fits]
+            options = self._model_options_memo[model] = [
+                (id(e), e, e.concurrency, self._activation_s(model, e) if residency else 0.0,
+                 self._activation_s(model, e, assume="ABSENT") if residency else 0.0,
+                 self._hit_s_per_token(model, e.device.type))
+                for e in live if (model, e.device.type) in self._fits]
         return options
 
     def _hit_s_per_token(self, model: str, device_type: str) -> float:
