@@ -73,9 +73,12 @@ class RoundModel:
         self.finish_s: dict[StageKey, cp_model.IntVar] = {}
         self.objective_terms: list = []
         self.by_device: dict[str, list[Candidate]] = {}  # this round's candidates, per device
+        # Work per request of each candidate, in the rounded milliseconds every block reads (big-M included)
+        self.per_request_ms: dict[tuple[StageKey, str], int] = {}
         for s in frontier:
             for c in candidates[s.key]:
                 self.by_device.setdefault(c.device_id, []).append(c)
+                self.per_request_ms[(s.key, c.device_id)] = _ms(c.per_request_s)
         self.big_m_ms = self._big_m_ms()
         self._add_assignment()      # (1)-(3)
         self._add_shared_loads()    # (4)
@@ -94,7 +97,7 @@ class RoundModel:
             load_ms: dict[str, int] = {}
             for c in cands:
                 load_ms[c.model] = max(load_ms.get(c.model, 0), _ms(c.terms.activation_s))
-            work_ms = sum(_ms(c.per_request_s) * c.num_requests for c in cands)
+            work_ms = sum(self.per_request_ms[(c.stage, c.device_id)] * c.num_requests for c in cands)
             worst_ms = max(worst_ms, _ms(cands[0].terms.queue_s) + sum(load_ms.values()) + work_ms)
         return worst_ms + 1
 
@@ -168,7 +171,7 @@ class RoundModel:
             ahead_vars[d] = [self.load[(model, d)] for model in load_ms]
             ahead_coeffs[d] = [conc * ms for ms in load_ms.values()]
             work_vars = [self.r[(c.stage, d)] for c in cands]
-            work_coeffs = [_ms(c.per_request_s) for c in cands]
+            work_coeffs = [self.per_request_ms[(c.stage, d)] for c in cands]
             m.add(conc * t >= LinearExpr.weighted_sum(ahead_vars[d] + work_vars, ahead_coeffs[d] + work_coeffs)
                   + fixed_ms[d])                                                            # (6) device finish
             m.add(makespan >= t)                                                            # (7) makespan
@@ -181,7 +184,7 @@ class RoundModel:
             for c in self.cands[s.key]:
                 d, conc = c.device_id, c.concurrency
                 ahead_vars[d].append(self.r[(s.key, d)])
-                ahead_coeffs[d].append(_ms(c.per_request_s))
+                ahead_coeffs[d].append(self.per_request_ms[(s.key, d)])
                 released = LinearExpr.weighted_sum(ahead_vars[d] + [self.x[(s.key, d)]], ahead_coeffs[d] + [conc * big])
                 m.add(conc * f >= released + (fixed_ms[d] - conc * big))                   # (8)
 

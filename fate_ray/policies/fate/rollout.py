@@ -56,11 +56,6 @@ class RolloutCost:
     prefix_s: float
     occupancy_s: float
 
-    def minus(self, other: RolloutCost) -> RolloutCost:
-        return RolloutCost(self.total_s - other.total_s, self.residency_s - other.residency_s,
-                           self.locality_s - other.locality_s, self.prefix_s - other.prefix_s,
-                           self.occupancy_s - other.occupancy_s)
-
 
 ZERO = RolloutCost(0.0, 0.0, 0.0, 0.0, 0.0)
 
