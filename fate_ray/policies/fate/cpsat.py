@@ -37,10 +37,11 @@ class SolveResult:
     wall_limited: bool = False
 
 
-# NOTE on building expressions: a Python `sum()` of k terms builds k nested expression objects (and a running sum,
-# extended per stage, rebuilds its chain at each constraint); `LinearExpr.weighted_sum(vars, coeffs) + constant` is
-# one object. Both flatten to the same constraint (variables in the order written, zero coefficients dropped, the
-# constant in the bounds), so the model handed to the solver is the same; this saves about a third of building it.
+# NOTE on building expressions: a Python `sum()` of k terms builds an expression object per term and per partial
+# sum, each flattened again by every constraint it reaches (the running sums of (8)); `LinearExpr.weighted_sum(vars,
+# coeffs) + constant` is one object. Both flatten to the same constraint (variables in the order written, zero
+# coefficients dropped, the constant in the bounds): the model handed to the solver is the same, byte for byte
+# (checked on every model of a chipseq run), and building it takes about a tenth less.
 
 
 class _CpModel(cp_model.CpModel):
