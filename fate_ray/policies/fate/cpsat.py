@@ -229,7 +229,7 @@ class RoundModel:
     # -- solving ----------------------------------------------------------------------------------------------------
     def hint(self, counts: Counts) -> None:
         # NOTE: the hint's repeated fields extended once, not an add_hint call (and two appends) per variable: the
-        # same (r, x) pairs in the same order, in a tenth of the time.
+        # same (r, x) pairs in the same order, in a fifth of the time (0.34 -> 0.06 s on chipseq).
         variables, values = [], []
         for (stage, d), r in self.r.items():
             n = counts.get(stage, {}).get(d, 0)
