@@ -44,7 +44,7 @@ def run(instance: str, seed: int, policy: str, makespan_s: float, p95_s: float, 
            "workflows": workflows,
            "completed": completed, "failed": workflows - completed, "makespan_s": makespan_s, "p95_s": p95_s,
            "lb_s": lb_s, "p95_lb_s": p95_lb_s, "prefix_hit_rate": cached_tokens / prompt_tokens if prompt_tokens else 0.0,
-           "model_loads": loads, "model_wakes": 0, "events": 10, "sim_wall_s": 0.01,
+           "model_loads": loads, "model_wakes": 0, "events": 10, "sim_wall_s": 0.01, "sim_controller_s": 0.005, "sim_plan_s": 0.001,
            "plan_ms_p95": percentile(plan_ms, 95)}
     return JobResult(row, list(plan_ms), prompt_tokens=prompt_tokens, cached_tokens=cached_tokens)
 

@@ -64,7 +64,8 @@ def run_job(job: Job) -> JobResult:
         "makespan_s": res.makespan_s, "p95_s": res.p95_s, "lb_s": bounds.makespan_s,
         "p95_lb_s": bounds.p95_s(res.completions_s),
         "prefix_hit_rate": res.prefix_hit_rate, "model_loads": res.loads, "model_wakes": res.wakes,
-        "events": res.events, "sim_wall_s": res.wall_s,
+        "events": res.events, "sim_wall_s": res.wall_s, "sim_controller_s": res.controller_s,
+        "sim_plan_s": sum(res.plan_ms) / 1000,
         "plan_ms_p95": percentile(res.plan_ms, 95),
     }
     trace = res.trace_rows(inst.name) if _STATE["trace"] else []
@@ -168,4 +169,17 @@ def throughput(results: Sequence[JobResult]) -> float:
     events = sum(r.row["events"] for r in results)
     wall = sum(r.row["sim_wall_s"] for r in results)
     return events / wall if wall > 0 else 0.0
+
+
+def time_per_event(results: Sequence[JobResult]) -> dict[str, float]:
+    """Where the simulator's time goes, in microseconds per shard event over all runs: the Controller (its own
+    bookkeeping), the policy's planning rounds, and the engine models with the event loop."""
+    events = sum(r.row["events"] for r in results)
+    if not events:
+        return {"controller_us": 0.0, "policy_us": 0.0, "engine_us": 0.0}
+    wall = sum(r.row["sim_wall_s"] for r in results)
+    inside = sum(r.row["sim_controller_s"] for r in results)
+    plan = sum(r.row["sim_plan_s"] for r in results)
+    return {"controller_us": (inside - plan) / events * 1e6, "policy_us": plan / events * 1e6,
+            "engine_us": (wall - inside) / events * 1e6}
 

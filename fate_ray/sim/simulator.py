@@ -81,6 +81,7 @@ class SimResult:
     wakes: int = 0
     events: int = 0
     wall_s: float = 0.0
+    controller_s: float = 0.0  # of wall_s, inside Controller.handle (the policy's planning rounds included)
     controller: Controller | None = None
     plan_ms: list[float] = field(default_factory=list)
 
@@ -214,7 +215,10 @@ class _Loop:
 
     def _handle(self, event, now_s: float) -> None:
         self.result.events += 1
-        for cmd in self.controller.handle(event):
+        started = time.perf_counter()
+        commands = self.controller.handle(event)
+        self.result.controller_s += time.perf_counter() - started
+        for cmd in commands:
             if isinstance(cmd, (Dispatch, LoadModel)):
                 engine = self.engines[cmd.device_id]
                 done = engine.submit(cmd, now_s) if isinstance(cmd, Dispatch) else engine.load(cmd, now_s)[1]
