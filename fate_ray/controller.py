@@ -439,7 +439,6 @@ class Controller:
 
     def _enqueue(self, plan: Plan, frontier: dict, snapshot: ClusterSnapshot) -> None:
         placed: dict[tuple[str, str], set[int]] = {}
-        seen_as = {d.device.device_id: d for d in snapshot.devices}
         for a in plan.assignments:
             ready = frontier.get(a.stage)
             dev = self.devices.get(a.device_id)
@@ -455,7 +454,7 @@ class Controller:
             placed.setdefault(a.stage, set()).update(indices)
             shard = self._make_shard(run, a.stage[1], indices)
             est = self.estimator.shard_cost(shard.model, dev.state.device.type, shard.request_shapes(),
-                                            seen_as[a.device_id])
+                                            snapshot.device(a.device_id))
             dev.enqueue(QueuedShard(shard, est.service_s), self._queue_key)
         for key, ready in frontier.items():
             missing = set(ready.request_indices) - placed.get(key, set())
@@ -495,7 +494,7 @@ class Controller:
         one ends (a known gap, pinned by an xfail test in tests/test_controller.py).
         """
         head = dev.queue[0].shard
-        if dev.state.state_of(head.model) == "ACTIVE" or dev.state.plan_activation(head.model).feasible:
+        if dev.state.plan_activation(head.model).feasible:
             return 0
         for i, queued in enumerate(dev.queue):
             if dev.state.state_of(queued.shard.model) == "ACTIVE":

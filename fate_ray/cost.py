@@ -87,6 +87,8 @@ def decode_seconds(profile: ModelProfile, output_tokens: Sequence[int], other_re
 
 def cached_tokens_in_batch(cache: PrefixCache | None, requests: Sequence[RequestShape], block_tokens: int) -> int:
     """Tokens served from cache: blocks already on the device, or computed by an earlier request of the batch."""
+    if cache is None and len(requests) < 2:
+        return 0  # nothing on the device and no earlier request to share with (most estimates: one call each)
     return sum(cached_blocks_per_request(cache, [r.block_hashes for r in requests])) * block_tokens
 
 
@@ -119,26 +121,26 @@ class Calibration:
     def __init__(self, step: float = 0.05, enabled: bool = True):
         self.step = step
         self.enabled = enabled
-        self._factor: dict[tuple[str, str, str], float] = {}
-        # NOTE: the three phases' factors per (model, device type) as one tuple, kept beside `_factor`, because
-        # every estimate reads all three and one lookup is a third of three (the estimator's hottest path).
-        self._phase_factors: dict[tuple[str, str], tuple[float, float, float]] = {}
+        # Per (model, device type), the factors of the three PHASES in order: every estimate reads all three, and
+        # one lookup is a third of three on the estimator's hottest path.
+        self._factors: dict[tuple[str, str], tuple[float, float, float]] = {}
         # Per phase, bounded (a long-lived planner observes forever); far above one benchmark run's observations.
         self._log_errors: dict[str, deque[float]] = {}  # of the estimates used (calibrated)
         self._raw_log_errors: dict[str, deque[float]] = {}  # of the formula alone
 
     def factor(self, model: str, device_type: str, phase: str) -> float:
-        return self._factor.get((model, device_type, phase), 1.0) if self.enabled else 1.0
+        return self.factors(model, device_type)[PHASES.index(phase)]
 
     def factors(self, model: str, device_type: str) -> tuple[float, float, float]:
-        """The activation, prefill and decode factors (as `factor` gives them one by one)."""
-        return self._phase_factors.get((model, device_type), _UNCALIBRATED) if self.enabled else _UNCALIBRATED
+        """The activation, prefill and decode factors (PHASES' order)."""
+        return self._factors.get((model, device_type), _UNCALIBRATED) if self.enabled else _UNCALIBRATED
 
     def observe(self, model: str, device_type: str, phase: str, measured_s: float, estimated_s: float) -> None:
         """Record one measurement of a phase against the raw (uncalibrated) estimate of it."""
         if measured_s <= 0 or estimated_s <= 0:
             return
-        key = (model, device_type, phase)
+        factors = self._factors.get((model, device_type), _UNCALIBRATED)
+        i = PHASES.index(phase)
         calibrated = estimated_s * self.factor(model, device_type, phase)  # what the planner actually used
         log_ratio = math.log(measured_s / estimated_s)
         if phase not in self._log_errors:
@@ -150,10 +152,9 @@ class Calibration:
         # ratio is skewed (a shard is slowed by whatever else shares the device), and the median, not the mean,
         # is what minimises the typical |log error| we report.
         # It starts at 1 (trust the formula) rather than at the first ratio, which may be an outlier.
-        log_old = math.log(self._factor.get(key, 1.0))
-        self._factor[key] = math.exp(log_old + max(-self.step, min(self.step, log_ratio - log_old)))
-        self._phase_factors[(model, device_type)] = tuple(self._factor.get((model, device_type, p), 1.0)
-                                                          for p in PHASES)
+        log_old = math.log(factors[i])
+        moved = math.exp(log_old + max(-self.step, min(self.step, log_ratio - log_old)))
+        self._factors[(model, device_type)] = factors[:i] + (moved,) + factors[i + 1:]
 
     def median_abs_log_error(self, uncalibrated: bool = False, phase: str | None = None) -> float:
         """Median |log(measured / estimated)| over the observations (of one phase, or all); `uncalibrated`: of
@@ -218,10 +219,7 @@ class CostEstimator:
         activation_s = activation_seconds(prof, activation)
         cache = device.caches.get(model) if device is not None and state == "ACTIVE" else None
         prompt = sum(r.prompt_tokens for r in requests)
-        if device is None or (cache is None and len(requests) == 1):
-            cached = 0  # nothing on the device, and no earlier request of the batch to share with
-        else:
-            cached = min(prompt, cached_tokens_in_batch(cache, requests, self.block_tokens))
+        cached = min(prompt, cached_tokens_in_batch(cache, requests, self.block_tokens)) if device else 0
         prefill_s = (prompt - cached) / prof.prefill_tok_s * (1 + other_shards)
         decode_s = decode_seconds(prof, [r.output_tokens for r in requests], other_requests)
         transfer_s = transfer_seconds(self.cluster, input_bytes_by_node, node) if input_bytes_by_node else 0.0

@@ -254,12 +254,15 @@ class ActivationPlan:
     feasible: bool  # False when the memory is held by models that are busy right now
 
 
+_RESIDENT = ActivationPlan("resident", (), True)
+
+
 def plan_activation(model: str, residency: Mapping[str, Residency], busy: Container[str],
                     last_used_s: Mapping[str, float], memory_gib: float, models: Mapping[str, ModelSpec]) -> ActivationPlan:
     """How `model` would become ACTIVE: evict idle ACTIVE models, least recently used first (pure)."""
     kind = activation_for(residency.get(model, "ABSENT"))
     if kind == "resident":
-        return ActivationPlan("resident", (), True)
+        return _RESIDENT  # the common answer (a queue head, a candidate), without building a record each time
     free = memory_gib - sum(models[m].footprint_gib for m, r in residency.items() if r == "ACTIVE")
     need = models[model].footprint_gib
     evict: list[str] = []

@@ -182,4 +182,3 @@ def time_per_event(results: Sequence[JobResult]) -> dict[str, float]:
     plan = sum(r.row["sim_plan_s"] for r in results)
     return {"controller_us": (inside - plan) / events * 1e6, "policy_us": plan / events * 1e6,
             "engine_us": (wall - inside) / events * 1e6}
-

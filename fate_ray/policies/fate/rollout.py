@@ -123,9 +123,8 @@ def _first_part(dag: DagInfo, stage_id: str):
 
 class Rollout:
     """One planning round's rollouts. `options[h]` lists, per live device that fits h's model: id(device), the
-    device, its concurrency, the activation of h's model there now and after an eviction, h's stateless service there,
-    the prefill seconds saved per cached token, and the work h is there without such savings (the service, never
-    negative) (the Scorer's `_options`)."""
+    device, its concurrency, the activation of h's model there now and after an eviction, h's stateless service there
+    and the prefill seconds saved per cached token (the Scorer's `_options`)."""
 
     def __init__(self, cluster: ClusterSpec, live: Sequence[DeviceSnapshot], now_s: float):
         self.cluster = cluster
@@ -156,7 +155,7 @@ class Rollout:
             # The inner loop is the planner's hottest: conditionals rather than max(), keys precomputed.
             best = None
             best_done = math.inf
-            for key, e, conc, act_now, act_cold, service, hit_s_per_token, service_work in opts:
+            for key, e, conc, act_now, act_cold, service, hit_s_per_token in opts:
                 if model in active[key]:
                     act = 0.0
                 else:
@@ -165,7 +164,7 @@ class Rollout:
                 if ready > start:
                     start = ready
                 # NOTE: only the device h continues a context on and s's device (shared text) can save prefill;
-                # elsewhere the work is the option's service as is (`service_work`, precomputed), which skips
+                # elsewhere the work is the option's stateless service as is (never negative), which skips
                 # two products and two subtractions per option.
                 if key == continued_on or key == shared_on:
                     loc = h.context_tokens * hit_s_per_token if key == continued_on else 0.0
@@ -175,7 +174,7 @@ class Rollout:
                         work = 0.0
                 else:
                     loc = pre = 0.0
-                    work = service_work
+                    work = service
                 done = start + act + work
                 if best is None or done < best_done:
                     best_done = done

@@ -235,15 +235,14 @@ class Scorer:
 
     def _options(self, dag: DagInfo, h: HorizonStage, live) -> list[tuple]:
         """Per round, the live devices that fit h's model, as the rollout reads them: (id(device), device, concurrency,
-        activation now, activation after an eviction, stateless service, prefill seconds saved per cached token,
-        the service as work: never negative)."""
+        activation now, activation after an eviction, stateless service, prefill seconds saved per cached token)."""
         key = (id(dag), h.stage_id)
         options = self._options_memo.get(key)
         if options is None:
             options = self._options_memo[key] = []
             for key_e, e, conc, act_now, act_cold, hit in self._model_options(h.model, live):
                 service = self._child_service_s(dag, h.stage_id, e.device.type)
-                options.append((key_e, e, conc, act_now, act_cold, service, hit, service if not service < 0.0 else 0.0))
+                options.append((key_e, e, conc, act_now, act_cold, service, hit))
         return options
 
     def _model_options(self, model: str, live) -> list[tuple]:
